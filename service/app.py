@@ -1,0 +1,113 @@
+"""The app factory: wires settings, Redis, the connection store, the recorder and the handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+
+from service.client import check_durability, make_redis
+from service.connections import ConnectionStore
+from service.crypto import SecretBox
+from service.embedded import EmbeddedRedis
+from service.http import ERROR_ANSWERS, Handlers
+from service.ingest import Ingestor
+from service.keys import Keys
+from service.queue import StreamRecorder
+from service.settings import Settings, load_settings
+
+logger = logging.getLogger(__name__)
+
+TOKEN_INDEX_REBUILD_SECONDS = 300.0
+
+
+def create_app(settings: Settings | None = None, *, redis: Redis | None = None) -> Starlette:
+    """Build the ASGI app. Without ``redis`` the lifespan connects to ``settings.redis_url`` (or starts
+    the embedded Redis) and closes what it opened on shutdown."""
+    settings = settings or load_settings()
+    handlers = Handlers(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        embedded: EmbeddedRedis | None = None
+        client = redis
+        if client is None:
+            url = settings.redis_url
+            if url is None:
+                embedded = EmbeddedRedis(settings.data_dir)
+                url = await asyncio.to_thread(embedded.start)
+                logger.info(
+                    "embedded Redis (%s) at %s, data in %s; set QBO_REDIS_URL to use your own Redis",
+                    embedded.binary or "already running",
+                    embedded.url,
+                    embedded.dir,
+                )
+            client = make_redis(url, timeout=settings.response_budget_seconds)
+        await check_durability(client, require=settings.require_durable)
+        keys = Keys(settings.key_prefix)
+        store = ConnectionStore(
+            client,
+            keys,
+            SecretBox(settings.fernet_keys),
+            cache_seconds=settings.connection_cache_seconds,
+            retired_token_days=settings.retired_token_days,
+        )
+        recorder = StreamRecorder(
+            client,
+            keys,
+            dedupe_ttl_seconds=settings.dedupe_ttl_seconds,
+            dead_letter_maxlen=settings.dead_letter_maxlen,
+            min_replicas=settings.min_replicas,
+            replica_timeout_seconds=settings.response_budget_seconds / 2,
+        )
+        handlers.redis = client
+        handlers.ingestor = Ingestor(store, recorder, app_tokens=settings.app_tokens)
+        await _rebuild_once(store, limit_seconds=10.0)  # before serving: bodies naming no known realm need the index
+        rebuild = asyncio.get_running_loop().create_task(_keep_token_index(store))
+        try:
+            yield
+        finally:
+            rebuild.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await rebuild
+            await recorder.close()
+            handlers.ingestor = None
+            if redis is None:
+                await client.aclose()
+            if embedded is not None:
+                await asyncio.to_thread(embedded.stop)
+
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        # Reached only if something escaped a handler; the traceback is logged, never shown.
+        logger.error("unhandled error on %s", request.url.path, exc_info=exc)
+        answer = ERROR_ANSWERS[Exception]
+        return Response(answer.body, answer.status, headers=answer.headers, media_type="application/json")
+
+    app = Starlette(routes=handlers.routes(), lifespan=lifespan, exception_handlers={Exception: internal_error})
+    app.router.redirect_slashes = False
+    return app
+
+
+async def _keep_token_index(store: ConnectionStore) -> None:
+    """Keep the known-token index current with connections written by others (SPEC §4.4)."""
+    while True:
+        await asyncio.sleep(TOKEN_INDEX_REBUILD_SECONDS)
+        await _rebuild_once(store, limit_seconds=TOKEN_INDEX_REBUILD_SECONDS)
+
+
+async def _rebuild_once(store: ConnectionStore, *, limit_seconds: float) -> None:
+    try:
+        async with asyncio.timeout(limit_seconds):
+            count = await store.rebuild_token_index()
+        logger.debug("verifier-token index rebuilt: %d tokens", count)
+    except (RedisError, OSError, TimeoutError) as exc:
+        logger.warning("verifier-token index rebuild failed (%s); retrying later", type(exc).__name__)
+    except Exception:
+        logger.exception("verifier-token index rebuild failed")

@@ -1,0 +1,283 @@
+"""Connection metadata in Redis (SPEC §5.1): the store, its in-process cache, and the known-token index (§4.4)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Collection
+from importlib import resources
+from typing import Any, cast
+
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from service.crypto import SecretBox
+from service.errors import DecryptionError, EncryptionRequired, StorageUnavailable
+from service.keys import Keys
+from service.models import ENCRYPTED_FIELDS, MUST_ENCRYPT_FIELDS, ConnectionMetadata, RealmRoute
+from service.signature import fingerprint
+
+logger = logging.getLogger(__name__)
+
+NEGATIVE_CACHE_SECONDS = 2.0  # SPEC §4.4: an unregistered realm is remembered for at most 2 s
+
+
+class ConnectionStore:
+    """Reads and writes connection metadata; caches the routing part of it for the receiver.
+
+    ``routes`` is the hot path: on a warm cache it touches no Redis; a miss costs one round trip
+    for all realms of a request together.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        box: SecretBox,
+        *,
+        cache_seconds: float = 10.0,
+        retired_token_days: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._box = box
+        self._cache_seconds = cache_seconds
+        self._negative_seconds = min(NEGATIVE_CACHE_SECONDS, cache_seconds)
+        self._retired_seconds = retired_token_days * 86400
+        self._clock = clock
+        self._cache: dict[str, tuple[float, RealmRoute | None]] = {}
+        self._load_routes = redis.register_script(_lua("load_routes.lua"))
+        self._known_tokens: tuple[str, ...] = ()
+        self._known_tokens_expire = 0.0
+        self.decrypt_failures = 0
+
+    # -- the receiver's path -------------------------------------------------------------------------
+
+    async def routes(
+        self, realm_ids: Collection[str], *, refresh: bool = False
+    ) -> tuple[dict[str, RealmRoute | None], set[str]]:
+        """Routing data of each realm (``None``: not registered) and the realms that were served from cache.
+
+        With ``refresh`` every realm is read from Redis, whatever the cache holds.
+        """
+        now = self._clock()
+        found: dict[str, RealmRoute | None] = {}
+        cached: set[str] = set()
+        missing: list[str] = []
+        for realm_id in realm_ids:
+            entry = None if refresh else self._cache.get(realm_id)
+            if entry is not None and entry[0] > now:
+                found[realm_id] = entry[1]
+                cached.add(realm_id)
+            else:
+                missing.append(realm_id)
+        if missing:
+            loaded = await self._read_routes(missing)
+            now = self._clock()
+            for realm_id, route in loaded.items():
+                ttl = self._cache_seconds if route is not None else self._negative_seconds
+                if ttl > 0:
+                    self._cache[realm_id] = (now + ttl, route)
+                found[realm_id] = route
+            if len(self._cache) > 100_000:
+                self._evict(now)
+        return found, cached
+
+    async def known_tokens(self) -> tuple[str, ...]:
+        """Every distinct verifier token of registered connections, and of those removed within the retention.
+
+        Held in process for the cache time; only bodies naming no realm with a usable token need it.
+        """
+        now = self._clock()
+        if now >= self._known_tokens_expire:
+            try:
+                raw: dict[str, str] = await self._redis.hgetall(self._keys.verifier_tokens)  # type: ignore[assignment]
+            except RedisError as exc:
+                raise StorageUnavailable(f"reading the verifier-token index failed: {type(exc).__name__}") from exc
+            self._known_tokens = tuple(self._index_tokens(raw, time.time()))
+            self._known_tokens_expire = now + max(self._cache_seconds, 1.0)
+        return self._known_tokens
+
+    def forget(self, realm_id: str | None = None) -> None:
+        """Drop cached routes (one realm, or all) and the cached token index."""
+        if realm_id is None:
+            self._cache.clear()
+        else:
+            self._cache.pop(realm_id, None)
+        self._known_tokens_expire = 0.0
+
+    async def _read_routes(self, realm_ids: list[str]) -> dict[str, RealmRoute | None]:
+        try:
+            replies = await self._load_routes(keys=[self._keys.connection(r) for r in realm_ids])
+        except RedisError as exc:
+            raise StorageUnavailable(f"reading connections failed: {type(exc).__name__}") from exc
+        return {realm_id: self._route(realm_id, reply) for realm_id, reply in zip(realm_ids, replies, strict=True)}
+
+    def _route(self, realm_id: str, reply: list[Any]) -> RealmRoute | None:
+        kind = reply[0]
+        if kind == "hash":
+            stored_token, environment = reply[1], reply[2]
+        elif kind == "string":
+            data = _json_object(reply[1])
+            if data is None:
+                logger.error("connection of realm %s is a string but not a JSON object; treated as missing", realm_id)
+                return None
+            stored_token, environment = data.get("webhook_verifier_token"), data.get("environment")
+        else:
+            return None
+        return RealmRoute(
+            realm_id=realm_id,
+            token=self._usable_token(realm_id, stored_token),
+            environment=environment if isinstance(environment, str) else "",
+        )
+
+    def _usable_token(self, realm_id: str, stored: object) -> str | None:
+        if not isinstance(stored, str) or not stored:
+            return None
+        try:
+            return self._box.decrypt(stored) or None
+        except DecryptionError as exc:
+            self.decrypt_failures += 1
+            logger.error("verifier token of realm %s is unusable: %s", realm_id, exc)
+            return None
+
+    def _index_tokens(self, raw: dict[str, str], now: float) -> list[str]:
+        tokens = []
+        for fp, value in raw.items():
+            data = _json_object(value)
+            if data is None or _expired(value, now, self._retired_seconds):
+                continue
+            token = self._usable_token(f"(index {fp})", data.get("token"))
+            if token:
+                tokens.append(token)
+        return tokens
+
+    def _evict(self, now: float) -> None:
+        for realm_id in [r for r, (expires, _) in self._cache.items() if expires <= now]:
+            del self._cache[realm_id]
+
+    # -- operators' path (CLI) -----------------------------------------------------------------------
+
+    async def get(self, realm_id: str) -> ConnectionMetadata | None:
+        """The stored metadata, decrypted; a secret no key opens is left in its stored form."""
+        data = await self._read_raw(realm_id)
+        if data is None:
+            return None
+        plain: dict[str, object] = {}
+        for name, value in data.items():
+            if name in ENCRYPTED_FIELDS and isinstance(value, str):
+                with contextlib.suppress(DecryptionError):  # shown in its stored form
+                    value = self._box.decrypt(value)
+            plain[name] = value
+        return ConnectionMetadata.from_mapping(plain)
+
+    async def put(self, metadata: ConnectionMetadata, *, allow_plaintext: bool = False) -> ConnectionMetadata:
+        """Merge ``metadata`` into the realm's stored connection (a hash), encrypting secrets; returns the result."""
+        if not metadata.realm_id:
+            raise ValueError("realm_id is required")
+        plain_secrets = sorted(f for f in MUST_ENCRYPT_FIELDS if getattr(metadata, f))
+        if plain_secrets and not self._box.enabled and not allow_plaintext:
+            raise EncryptionRequired(
+                f"refusing to store {', '.join(plain_secrets)} in plain text: set QBO_ENCRYPTION_KEYS "
+                "(qbo-webhooks keys generate) or pass --allow-plaintext"
+            )
+        current = await self.get(metadata.realm_id)
+        merged = {**(current.as_dict() if current else {}), **metadata.as_dict()}
+        stored = {k: self._box.encrypt(v) if k in ENCRYPTED_FIELDS else v for k, v in merged.items()}
+        key = self._keys.connection(metadata.realm_id)
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.delete(key)
+                pipe.hset(key, mapping=cast("dict[Any, Any]", stored))
+                await pipe.execute()
+        except RedisError as exc:
+            raise StorageUnavailable(f"writing the connection failed: {type(exc).__name__}") from exc
+        token = merged.get("webhook_verifier_token")
+        if token:
+            await self.note_token(token)
+        if current and current.webhook_verifier_token and current.webhook_verifier_token != token:
+            await self.note_token(current.webhook_verifier_token)  # the replaced token is now retiring
+        self.forget(metadata.realm_id)
+        return ConnectionMetadata.from_mapping(dict(merged))
+
+    async def delete(self, realm_id: str) -> bool:
+        """Remove a connection; its token stays known for the retention (SPEC §4.4). True if it existed."""
+        current = await self.get(realm_id)
+        try:
+            removed = await self._redis.delete(self._keys.connection(realm_id))
+        except RedisError as exc:
+            raise StorageUnavailable(f"deleting the connection failed: {type(exc).__name__}") from exc
+        if current and current.webhook_verifier_token:
+            await self.note_token(current.webhook_verifier_token)
+        self.forget(realm_id)
+        return bool(removed)
+
+    async def realm_ids(self) -> list[str]:
+        """Every registered realm id, sorted."""
+        realms = [self._keys.realm_of(key) async for key in self._redis.scan_iter(self._keys.connection_pattern, 500)]
+        return sorted(realms, key=lambda r: (len(r), r))
+
+    async def note_token(self, token: str, seen_at: float | None = None) -> None:
+        """Record a verifier token in the known-token index as seen now (or at ``seen_at``)."""
+        value = orjson.dumps({"token": self._box.encrypt(token), "last_seen": seen_at or time.time()}).decode()
+        await self._redis.hset(self._keys.verifier_tokens, fingerprint(token), value)
+        self._known_tokens_expire = 0.0
+
+    async def rebuild_token_index(self) -> int:
+        """Re-scan every connection (including those other writers made) into the index; prune expired tokens.
+
+        Returns the number of tokens the index holds afterwards.
+        """
+        now = time.time()
+        seen: dict[str, str] = {}
+        async for key in self._redis.scan_iter(self._keys.connection_pattern, 500):
+            realm_id = self._keys.realm_of(key)
+            data = await self._read_raw(realm_id)
+            token = self._usable_token(realm_id, data.get("webhook_verifier_token")) if data else None
+            if token:
+                seen[fingerprint(token)] = token
+        for token in seen.values():
+            await self.note_token(token, now)
+        raw: dict[str, str] = await self._redis.hgetall(self._keys.verifier_tokens)  # type: ignore[assignment]
+        expired = [fp for fp, v in raw.items() if fp not in seen and _expired(v, now, self._retired_seconds)]
+        if expired:
+            await self._redis.hdel(self._keys.verifier_tokens, *expired)
+        self._known_tokens_expire = 0.0
+        return len(raw) - len(expired)
+
+    async def _read_raw(self, realm_id: str) -> dict[str, object] | None:
+        key = self._keys.connection(realm_id)
+        try:
+            kind = await self._redis.type(key)
+            if kind == "hash":
+                return dict(await self._redis.hgetall(key))  # type: ignore[arg-type]
+            if kind == "string":
+                return _json_object(await self._redis.get(key))
+        except RedisError as exc:
+            raise StorageUnavailable(f"reading the connection failed: {type(exc).__name__}") from exc
+        return None
+
+
+def _json_object(text: object) -> dict[str, Any] | None:
+    if not isinstance(text, str | bytes):
+        return None
+    try:
+        data = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _expired(value: str, now: float, retention: float) -> bool:
+    data = _json_object(value)
+    try:
+        return data is None or now - float(data.get("last_seen", 0) or 0) > retention
+    except (TypeError, ValueError):
+        return True
+
+
+def _lua(name: str) -> str:
+    return resources.files("service").joinpath("lua", name).read_text(encoding="utf-8")

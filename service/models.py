@@ -1,0 +1,174 @@
+"""Domain models: a normalised event, dead letters, connection metadata and the stream entry schema (SPEC §5)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, fields, replace
+from enum import StrEnum
+
+SCHEMA_VERSION = "1"
+
+
+class Outcome(StrEnum):
+    """What happened to one event of a delivery."""
+
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"
+    DEAD_LETTER = "dead_letter"
+
+
+class DeadLetterReason(StrEnum):
+    UNKNOWN_REALM = "unknown_realm"
+    TOKEN_MISMATCH = "token_mismatch"
+    INVALID_EVENT = "invalid_event"
+    UNPARSEABLE = "unparseable"
+    HANDLER_FAILED = "handler_failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One change event, in the one schema both of Intuit's payload formats are normalised into."""
+
+    event_id: str
+    source_id: str
+    realm_id: str
+    entity: str
+    entity_id: str
+    operation: str
+    deleted_id: str
+    occurred_at: str
+    type: str
+    format: str
+    payload: str
+    environment: str = ""
+
+    def stream_fields(self, received_at: str) -> dict[str, str]:
+        """The ``qbo:events`` entry of this event (SPEC §5.2); every value a string."""
+        return {
+            "v": SCHEMA_VERSION,
+            "event_id": self.event_id,
+            "source_id": self.source_id,
+            "realm_id": self.realm_id,
+            "entity": self.entity,
+            "entity_id": self.entity_id,
+            "operation": self.operation,
+            "deleted_id": self.deleted_id,
+            "occurred_at": self.occurred_at,
+            "type": self.type,
+            "format": self.format,
+            "environment": self.environment,
+            "received_at": received_at,
+            "payload": self.payload,
+        }
+
+    def with_environment(self, environment: str) -> Event:
+        return replace(self, environment=environment)
+
+
+@dataclass(frozen=True, slots=True)
+class InvalidEvent:
+    """An element of an authentic body that cannot be normalised; it is dead-lettered, never dropped."""
+
+    realm_id: str
+    detail: str
+    payload: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """One ``qbo:events:dead`` entry (SPEC §5.4)."""
+
+    reason: DeadLetterReason
+    realm_id: str
+    detail: str
+    verified_by: str
+    payload: str
+    base64: bool = False
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def stream_fields(self, received_at: str) -> dict[str, str]:
+        entry = {
+            "v": SCHEMA_VERSION,
+            "reason": self.reason.value,
+            "realm_id": self.realm_id,
+            "received_at": received_at,
+            "detail": self.detail[:200],
+            "verified_by": self.verified_by,
+            "payload": self.payload,
+        }
+        if self.base64:
+            entry["encoding"] = "base64"
+        entry.update(self.extra)
+        return entry
+
+
+SECRET_FIELDS = frozenset(
+    {"access_token", "auth_code", "client_secret", "oauth_session_data", "refresh_token", "webhook_verifier_token"}
+)
+# Secrets stored encrypted when keys are configured; the CLI refuses the first three in plain text (SPEC §5.1).
+ENCRYPTED_FIELDS = frozenset({"client_secret", "refresh_token", "access_token", "webhook_verifier_token"})
+MUST_ENCRYPT_FIELDS = frozenset({"client_secret", "refresh_token", "access_token"})
+MASK = "********"
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionMetadata:
+    """``TypesQuickBooksConnectionMetadata``: exactly the seed type's eleven optional string fields.
+
+    Values are plain text here; encryption happens in storage. ``repr`` masks every secret.
+    """
+
+    access_token: str | None = None
+    auth_code: str | None = None
+    client_id: str | None = None
+    client_secret: str | None = None
+    environment: str | None = None
+    income_account_id: str | None = None
+    oauth_session_data: str | None = None
+    realm_id: str | None = None
+    redirect_uri: str | None = None
+    refresh_token: str | None = None
+    webhook_verifier_token: str | None = None
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, object]) -> ConnectionMetadata:
+        """Known fields only (others' writers may add more); non-string values are kept as their text."""
+        known = set(cls.field_names())
+        values = {k: v if isinstance(v, str) else str(v) for k, v in data.items() if k in known and v is not None}
+        return cls(**values)
+
+    def as_dict(self) -> dict[str, str]:
+        return {name: value for name in self.field_names() if (value := getattr(self, name)) is not None}
+
+    def masked(self) -> dict[str, str]:
+        return {name: (MASK if name in SECRET_FIELDS and value else value) for name, value in self.as_dict().items()}
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{name}={value!r}" for name, value in self.masked().items())
+        return f"ConnectionMetadata({inner})"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True, slots=True)
+class RealmRoute:
+    """What the receiver needs of a realm's connection to route its events (never other secrets)."""
+
+    realm_id: str
+    token: str | None  # None: no usable verifier token (missing, or not decryptable)
+    environment: str
+
+    def __repr__(self) -> str:
+        return f"RealmRoute(realm_id={self.realm_id!r}, token={MASK if self.token else None}, env={self.environment!r})"
+
+
+def utc_timestamp(now: float | None = None) -> str:
+    """``YYYY-MM-DDTHH:MM:SS.mmmZ`` in UTC."""
+    now = time.time() if now is None else now
+    seconds = int(now)
+    millis = int((now - seconds) * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"

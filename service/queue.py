@@ -1,0 +1,158 @@
+"""The write side of the events stream (SPEC §5.2 to §5.4): dedupe marks, events and dead letters in one Lua call.
+
+Concurrent requests are group-committed: while one script call is in flight, the requests that arrive
+queue up and go together in the next call. Each request is answered only after the call carrying its
+own write returned; a failed call fails every request in it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError, RedisError
+
+from service.errors import StorageUnavailable
+from service.keys import Keys
+from service.models import DeadLetter, Event
+
+logger = logging.getLogger(__name__)
+
+MAX_REQUESTS_PER_CALL = 256
+
+
+@dataclass(frozen=True, slots=True)
+class RecordResult:
+    accepted: int = 0
+    duplicates: int = 0
+    dead_lettered: int = 0
+
+
+@dataclass(slots=True)
+class _Request:
+    events: Sequence[Event]
+    letters: Sequence[DeadLetter]
+    received_at: str
+    done: asyncio.Future[RecordResult] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class StreamRecorder:
+    """Records the outcome of webhook requests in Redis; one round trip per group of concurrent requests."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        *,
+        dedupe_ttl_seconds: int = 7 * 24 * 3600,
+        dead_letter_maxlen: int = 1_000_000,
+        min_replicas: int = 0,
+        replica_timeout_seconds: float = 1.0,
+    ) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._ttl = str(dedupe_ttl_seconds)
+        self._dead_maxlen = dead_letter_maxlen
+        self._min_replicas = min_replicas
+        self._replica_timeout_ms = max(1, int(replica_timeout_seconds * 1000))
+        self._script = redis.register_script(resources.files("service").joinpath("lua", "record.lua").read_text())
+        self._queue: list[_Request] = []
+        self._writer: asyncio.Task[None] | None = None
+        self.dead_letter_cap_reached = 0
+
+    async def record(self, events: Sequence[Event], letters: Sequence[DeadLetter], received_at: str) -> RecordResult:
+        """Dedupe and append ``events``, append ``letters``; returns once Redis acknowledged the write."""
+        if not events and not letters:
+            return RecordResult()
+        request = _Request(events, letters, received_at)
+        self._queue.append(request)
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._drain())
+        return await request.done
+
+    async def close(self) -> None:
+        """Wait for the writes already queued."""
+        if self._writer is not None:
+            await asyncio.shield(self._writer)
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                batch = self._queue[:MAX_REQUESTS_PER_CALL]
+                del self._queue[:MAX_REQUESTS_PER_CALL]
+                try:
+                    results = await self._write(batch)
+                except Exception as exc:
+                    # Every request of the call fails: none is answered 200 without its own write.
+                    failure = exc if isinstance(exc, StorageUnavailable) else StorageUnavailable(repr(exc))
+                    for request in batch:
+                        if not request.done.done():
+                            request.done.set_exception(failure)
+                    continue
+                for request, result in zip(batch, results, strict=True):
+                    if not request.done.done():
+                        request.done.set_result(result)
+        finally:
+            self._writer = None
+
+    async def _write(self, batch: list[_Request]) -> list[RecordResult]:
+        keys = [self._keys.events, self._keys.dead_letters]
+        events_args: list[str] = []
+        letters_args: list[str] = []
+        n_events = n_letters = 0
+        for request in batch:
+            for event in request.events:
+                keys.append(self._keys.seen(event.event_id))
+                _append_fields(events_args, event.stream_fields(request.received_at))
+            for letter in request.letters:
+                _append_fields(letters_args, letter.stream_fields(request.received_at))
+            n_events += len(request.events)
+            n_letters += len(request.letters)
+        args = [self._ttl, str(self._dead_maxlen), str(n_events), str(n_letters), *events_args, *letters_args]
+        try:
+            reply = await self._call(keys, args)
+        except RedisError as exc:
+            raise StorageUnavailable(f"recording failed: {type(exc).__name__}: {exc}") from exc
+        statuses, dead_len = reply[:-1], int(reply[-1])
+        if dead_len >= self._dead_maxlen:
+            self.dead_letter_cap_reached += 1
+            logger.warning("dead-letter stream is at its cap (%d entries); oldest letters are trimmed", dead_len)
+        results = []
+        position = 0
+        for request in batch:
+            mine = statuses[position : position + len(request.events)]
+            position += len(request.events)
+            appended = sum(1 for status in mine if int(status) == 1)
+            results.append(RecordResult(appended, len(mine) - appended, len(request.letters)))
+        return results
+
+    async def _call(self, keys: list[str], args: list[str]) -> list[int]:
+        if self._min_replicas <= 0:
+            return await self._script(keys=keys, args=args)  # type: ignore[no-any-return]
+        # WAIT covers the writes of its own connection, so the script and WAIT share one pipeline.
+        for attempt in (1, 2):
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    pipe.evalsha(self._script.sha, len(keys), *keys, *args)
+                    pipe.wait(self._min_replicas, self._replica_timeout_ms)
+                    reply, replicas = await pipe.execute()
+            except NoScriptError:
+                if attempt == 2:
+                    raise
+                await self._redis.script_load(self._script.script)
+                continue
+            if int(replicas) < self._min_replicas:
+                raise StorageUnavailable(f"write reached {replicas} of {self._min_replicas} required replicas")
+            return reply  # type: ignore[no-any-return]
+        raise AssertionError("unreachable")
+
+
+def _append_fields(out: list[str], entry: dict[str, str]) -> None:
+    out.append(str(len(entry)))
+    for name, value in entry.items():
+        out.append(name)
+        out.append(value)
