@@ -69,6 +69,9 @@ def create_app(settings: Settings | None = None, *, redis: Redis | None = None) 
         )
         handlers.redis = client
         handlers.ingestor = Ingestor(store, recorder, app_tokens=settings.app_tokens)
+        with contextlib.suppress(RedisError):  # Redis may be down at start-up; scripts then load on first use
+            await store.preload()
+            await recorder.preload()
         await _rebuild_once(store, limit_seconds=10.0)  # before serving: bodies naming no known realm need the index
         rebuild = asyncio.get_running_loop().create_task(_keep_token_index(store))
         try:

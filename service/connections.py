@@ -56,6 +56,10 @@ class ConnectionStore:
 
     # -- the receiver's path -------------------------------------------------------------------------
 
+    async def preload(self) -> None:
+        """Load the Lua script now, so the first request does not pay a NOSCRIPT round trip."""
+        await self._redis.script_load(self._load_routes.script)
+
     async def routes(
         self, realm_ids: Collection[str], *, refresh: bool = False
     ) -> tuple[dict[str, RealmRoute | None], set[str]]:

@@ -74,6 +74,10 @@ class StreamRecorder:
             self._writer = asyncio.get_running_loop().create_task(self._drain())
         return await request.done
 
+    async def preload(self) -> None:
+        """Load the Lua script now, so the first request does not pay a NOSCRIPT round trip."""
+        await self._redis.script_load(self._script.script)
+
     async def close(self) -> None:
         """Wait for the writes already queued."""
         if self._writer is not None:

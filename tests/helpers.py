@@ -44,6 +44,10 @@ def entries(r: redis_sync.Redis, stream: str) -> list[tuple[str, dict[str, str]]
     return cast("list[tuple[str, dict[str, str]]]", r.xrange(stream))
 
 
+def hash_of(r: redis_sync.Redis, key: str) -> dict[str, str]:
+    return cast("dict[str, str]", r.hgetall(key))
+
+
 def events(r: redis_sync.Redis) -> list[dict[str, str]]:
     return [fields for _, fields in entries(r, "qbo:events")]
 

@@ -1,0 +1,84 @@
+"""The CLI in process: signing, connections, configuration errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import redis as redis_sync
+
+from service.cli import main
+from tests.helpers import FIXTURES, REAL_SIGNATURE, REAL_TOKEN, SAMPLE_SIGNATURE, SAMPLE_TOKEN
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exited:
+        main(list(argv))
+    out, err = capsys.readouterr()
+    return int(exited.value.code or 0), out, err
+
+
+@pytest.mark.parametrize(
+    ("token", "name", "signature"),
+    [
+        (REAL_TOKEN, "legacy-real-signed.json", REAL_SIGNATURE),
+        (SAMPLE_TOKEN, "cloudevents-intuit-sample.json", SAMPLE_SIGNATURE),
+    ],
+    ids=["legacy", "cloudevents"],
+)
+def test_sign_prints_the_known_answer(
+    capsys: pytest.CaptureFixture[str], token: str, name: str, signature: str
+) -> None:
+    code, out, _ = run(capsys, "sign", "--token", token, str(FIXTURES / name))
+    assert (code, out.strip()) == (0, signature)
+
+
+def test_connections_put_show_list_delete(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, redis_url: str, sync_redis: redis_sync.Redis
+) -> None:
+    monkeypatch.setenv("QBO_REDIS_URL", redis_url)
+    code, out, err = run(capsys, "connections", "put", "77", "--verifier-token", "vt-secret", "--client-secret", "cs")
+    assert code == 2
+    assert "--allow-plaintext" in err
+    code, out, _ = run(capsys, "connections", "put", "77", "--verifier-token", "vt-secret", "--client-id", "app-1")
+    assert code == 0
+    assert json.loads(out) == {"client_id": "app-1", "realm_id": "77", "webhook_verifier_token": "********"}
+    code, out, _ = run(capsys, "connections", "show", "77")
+    assert "vt-secret" not in out
+    code, out, _ = run(capsys, "connections", "show", "77", "--reveal")
+    assert json.loads(out)["webhook_verifier_token"] == "vt-secret"
+    assert run(capsys, "connections", "list")[1].split() == ["77"]
+    assert run(capsys, "connections", "delete", "77")[0] == 0
+    assert run(capsys, "connections", "show", "77")[0] == 1
+    assert sync_redis.exists("qbo:connection:77") == 0
+
+
+def test_put_reads_json_and_rejects_bad_realm_ids(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    redis_url: str,
+    sync_redis: redis_sync.Redis,
+    tmp_path: pytest.TempPathFactory,
+) -> None:
+    monkeypatch.setenv("QBO_REDIS_URL", redis_url)
+    source = tmp_path / "conn.json"  # type: ignore[operator]
+    source.write_text(json.dumps({"webhook_verifier_token": "vt", "environment": "production", "unknown": 1}))
+    assert run(capsys, "connections", "put", "88", "--from-json", str(source))[0] == 0
+    assert sync_redis.hgetall("qbo:connection:88") == {
+        "webhook_verifier_token": "vt",
+        "environment": "production",
+        "realm_id": "88",
+    }
+    assert run(capsys, "connections", "put", "x88", "--verifier-token", "vt")[0] == 2
+
+
+def test_invalid_configuration_stops_with_one_line_per_field(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("QBO_PORT", "eighty")
+    monkeypatch.setenv("QBO_RESPONSE_BUDGET_SECONDS", "0")
+    code, _, err = run(capsys, "connections", "list")
+    assert code == 2
+    assert "QBO_PORT:" in err
+    assert "QBO_RESPONSE_BUDGET_SECONDS:" in err
+    assert "Traceback" not in err
