@@ -6,18 +6,20 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.client import check_durability, make_redis
 from service.connections import ConnectionStore
 from service.crypto import SecretBox
 from service.embedded import EmbeddedRedis
-from service.http import ERROR_ANSWERS, Handlers
+from service.http import ERROR_ANSWERS, Handlers, route_path
 from service.ingest import Ingestor
 from service.keys import Keys
 from service.queue import StreamRecorder
@@ -93,9 +95,35 @@ def create_app(settings: Settings | None = None, *, redis: Redis | None = None) 
         answer = ERROR_ANSWERS[Exception]
         return Response(answer.body, answer.status, headers=answer.headers, media_type="application/json")
 
-    app = Starlette(routes=handlers.routes(), lifespan=lifespan, exception_handlers={Exception: internal_error})
+    app = ReceiverApp(
+        handlers.webhook,
+        {settings.webhook_path, settings.webhook_path + "/"},
+        routes=handlers.routes(),
+        lifespan=lifespan,
+        exception_handlers={Exception: internal_error},
+    )
     app.router.redirect_slashes = False
     return app
+
+
+class ReceiverApp(Starlette):
+    """Starlette, with deliveries dispatched to the webhook endpoint ahead of the middleware stack.
+
+    The endpoint answers every error itself (it never raises), so the error middlewares had nothing to
+    do for it; skipping them and the router saves a noticeable share of each delivery's CPU time. Every
+    other request, including other methods on the webhook path (405), goes through Starlette as usual.
+    """
+
+    def __init__(self, webhook: ASGIApp, webhook_paths: set[str], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._webhook = webhook
+        self._webhook_paths = frozenset(webhook_paths)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and route_path(scope) in self._webhook_paths:
+            await self._webhook(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
 
 
 async def _keep_token_index(store: ConnectionStore) -> None:

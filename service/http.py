@@ -1,20 +1,28 @@
-"""HTTP handlers (SPEC §3): the capped body read, the one table mapping errors to statuses, the summary log line."""
+"""HTTP handlers (SPEC §3): the capped body read, the one table mapping errors to statuses, the summary log line.
+
+The webhook route is a plain ASGI endpoint mounted on a Starlette ``Route`` (which still answers 405 to
+other methods): building ``Request``/``Response`` objects cost more per delivery than the rest of the
+Python work on the hot path, and the route reads only the body and one header.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
-import secrets
+import os
 import time
 from dataclasses import dataclass
+from typing import Any
 
-import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
+from service.deadlines import Deadlines
 from service.errors import QBOError, SignatureError, StorageUnavailable
 from service.ingest import Ingestor, IngestReport
 from service.settings import Settings
@@ -41,15 +49,16 @@ class Answer:
 
 _CLOSE = {"connection": "close"}
 _RETRY = {"retry-after": RETRY_AFTER_SECONDS}
+_UNAVAILABLE = b'{"error":"temporarily unavailable"}'
 # The one place errors become statuses. Never 400 (Intuit would hold back the app's later events) and never 500.
 ERROR_ANSWERS: dict[type[BaseException], Answer] = {
     SignatureError: Answer(401, b'{"error":"not authenticated"}', {}),
     BodyTooLarge: Answer(413, b'{"error":"body too large"}', _CLOSE),
     BodyTimeout: Answer(408, b'{"error":"body not received in time"}', _CLOSE),
     ClientDisconnect: Answer(503, b'{"error":"client disconnected"}', _CLOSE),
-    StorageUnavailable: Answer(503, b'{"error":"temporarily unavailable"}', _RETRY),
-    TimeoutError: Answer(503, b'{"error":"temporarily unavailable"}', _RETRY),
-    Exception: Answer(503, b'{"error":"temporarily unavailable"}', _RETRY),
+    StorageUnavailable: Answer(503, _UNAVAILABLE, _RETRY),
+    TimeoutError: Answer(503, _UNAVAILABLE, _RETRY),
+    Exception: Answer(503, _UNAVAILABLE, _RETRY),
 }
 
 
@@ -60,13 +69,135 @@ def answer_for(exc: BaseException) -> Answer:
     return ERROR_ANSWERS[Exception]
 
 
-class Handlers:
-    """The routes; ``ingestor`` and ``redis`` are set by the app's lifespan."""
+class Webhook:
+    """``POST`` of Intuit's deliveries: read the body (capped, timed), ingest it within the budget, answer."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.ingestor: Ingestor | None = None
+        self._ids = itertools.count(1)
+        self._deadlines = Deadlines()
+        self._id_prefix = os.urandom(3).hex()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        request_id = f"{self._id_prefix}-{next(self._ids):x}"
+        report: IngestReport | None = None
+        error: BaseException | None = None
+        reading = True
+        task: asyncio.Task[object] = asyncio.current_task()  # type: ignore[assignment]
+        try:
+            self._deadlines.set(task, self.settings.body_timeout_seconds)
+            signatures, declared = _headers(scope)
+            body = await self._read_body(receive, declared)
+            reading = False
+            self._deadlines.set(task, self.settings.response_budget_seconds)
+            if self.ingestor is None:
+                raise StorageUnavailable("service is starting")
+            report = await self.ingestor.ingest(body, signatures)
+        except asyncio.CancelledError:
+            if not self._deadlines.clear(task):
+                raise  # cancelled from outside (shutdown, client gone): not ours to answer
+            task.uncancel()
+            error = BodyTimeout() if reading else TimeoutError("response budget exceeded")
+        except Exception as exc:
+            error = exc
+        finally:
+            self._deadlines.clear(task)
+        if report is not None:
+            status = 200
+            payload = b'{"accepted":%d,"duplicates":%d,"dead_lettered":%d}' % (
+                report.accepted,
+                report.duplicates,
+                report.dead_lettered,
+            )
+            headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(payload))]
+        else:
+            assert error is not None
+            answer = answer_for(error)
+            status, payload = answer.status, answer.body
+            headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(payload))]
+            headers.extend((k.encode(), v.encode()) for k, v in answer.headers.items())
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+        self._log(request_id, status, report, error, time.perf_counter() - started)
+
+    async def _read_body(self, receive: Receive, declared: int | None) -> bytes:
+        limit = self.settings.max_body_bytes
+        if declared is not None and declared > limit:
+            raise BodyTooLarge()
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnect()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:  # counted as it arrives: Content-Length may be absent or false
+                raise BodyTooLarge()
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _log(
+        self, request_id: str, status: int, report: IngestReport | None, error: BaseException | None, seconds: float
+    ) -> None:
+        unexpected = error is not None and answer_for(error) is ERROR_ANSWERS[Exception]
+        level = logging.ERROR if unexpected else logging.WARNING if status >= 500 else logging.INFO
+        if not logger.isEnabledFor(level):
+            return
+        fields: dict[str, Any] = {"request_id": request_id, "status": status, "duration_ms": round(seconds * 1000, 2)}
+        if report is not None:
+            fields.update(realms=report.realms, accepted=report.accepted, duplicates=report.duplicates,
+                          dead_lettered=report.dead_lettered, format=report.format)  # fmt: skip
+            if report.reasons:
+                fields["reasons"] = ",".join(f"{k}:{v}" for k, v in sorted(report.reasons.items()))
+        if error is not None:
+            fields["reason"] = getattr(error, "reason", type(error).__name__)
+        line = " ".join(f"{k}={v}" for k, v in fields.items())
+        if unexpected:
+            logger.error("webhook %s", line, extra=fields, exc_info=error)
+        elif status >= 500:
+            logger.warning("webhook %s detail=%s", line, _short(error), extra=fields)
+        else:
+            logger.info("webhook %s", line, extra=fields)
+
+
+def _headers(scope: Scope) -> tuple[list[str], int | None]:
+    """Every ``intuit-signature`` value (names arrive lower-cased) and the declared Content-Length."""
+    signatures: list[str] = []
+    declared: int | None = None
+    for name, value in scope["headers"]:
+        if name == b"intuit-signature":
+            signatures.append(value.decode("latin-1"))
+        elif name == b"content-length" and value.isdigit():
+            declared = int(value)
+    return signatures, declared
+
+
+def route_path(scope: Scope) -> str:
+    """The request path below the app's root path (as Starlette's routing sees it)."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
+class Handlers:
+    """The routes; the lifespan sets ``redis`` and the webhook's ``ingestor``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.webhook = Webhook(settings)
         self.redis: Redis | None = None
+
+    @property
+    def ingestor(self) -> Ingestor | None:
+        return self.webhook.ingestor
+
+    @ingestor.setter
+    def ingestor(self, value: Ingestor | None) -> None:
+        self.webhook.ingestor = value
 
     def routes(self) -> list[Route]:
         path = self.settings.webhook_path
@@ -76,81 +207,6 @@ class Handlers:
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/readyz", self.readyz, methods=["GET"]),
         ]
-
-    async def webhook(self, request: Request) -> Response:
-        started = time.perf_counter()
-        request_id = secrets.token_hex(6)
-        report: IngestReport | None = None
-        error: BaseException | None = None
-        try:
-            body = await self._read_body(request)
-            if self.ingestor is None:
-                raise StorageUnavailable("service is starting")
-            async with asyncio.timeout(self.settings.response_budget_seconds):
-                report = await self.ingestor.ingest(body, request.headers.getlist("intuit-signature"))
-        except Exception as exc:
-            error = exc
-        if error is None and report is not None:
-            status = 200
-            response = Response(
-                orjson.dumps(
-                    {
-                        "accepted": report.accepted,
-                        "duplicates": report.duplicates,
-                        "dead_lettered": report.dead_lettered,
-                    }
-                ),
-                200,
-                media_type="application/json",
-            )
-        else:
-            assert error is not None
-            answer = answer_for(error)
-            status = answer.status
-            response = Response(answer.body, status, headers=answer.headers, media_type="application/json")
-        self._log(request_id, status, report, error, time.perf_counter() - started)
-        return response
-
-    async def _read_body(self, request: Request) -> bytes:
-        limit = self.settings.max_body_bytes
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise BodyTooLarge()
-        chunks: list[bytes] = []
-        size = 0
-        try:
-            async with asyncio.timeout(self.settings.body_timeout_seconds):
-                async for chunk in request.stream():
-                    size += len(chunk)
-                    if size > limit:  # counted as it arrives: Content-Length may be absent or false
-                        raise BodyTooLarge()
-                    chunks.append(chunk)
-        except TimeoutError:
-            raise BodyTimeout() from None
-        return b"".join(chunks)
-
-    def _log(
-        self, request_id: str, status: int, report: IngestReport | None, error: BaseException | None, seconds: float
-    ) -> None:
-        duration_ms = round(seconds * 1000, 2)
-        fields = {"request_id": request_id, "status": status, "duration_ms": duration_ms}
-        if report is not None:
-            fields.update(
-                realms=report.realms,
-                accepted=report.accepted,
-                duplicates=report.duplicates,
-                dead_lettered=report.dead_lettered,
-                format=report.format,
-            )
-        if error is not None:
-            fields["reason"] = getattr(error, "reason", type(error).__name__)
-        line = " ".join(f"{k}={v}" for k, v in fields.items())
-        if error is not None and answer_for(error) is ERROR_ANSWERS[Exception]:
-            logger.error("webhook %s", line, extra=fields, exc_info=error)
-        elif status >= 500:
-            logger.warning("webhook %s detail=%s", line, _short(error), extra=fields)
-        else:
-            logger.info("webhook %s", line, extra=fields)
 
     async def healthz(self, request: Request) -> Response:
         return Response(b'{"status":"ok"}', media_type="application/json")

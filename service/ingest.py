@@ -156,7 +156,8 @@ def _route(
                 )
             )
         else:
-            events.append(item.with_environment(route.environment))
+            item.environment = route.environment
+            events.append(item)
     return events, letters
 
 

@@ -6,11 +6,12 @@ unparseable ``ParsedBody`` (the whole body), both of which are dead-lettered onc
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import orjson
 
@@ -156,12 +157,10 @@ def _cloudevent(element: object) -> Event | InvalidEvent:
     if entity_id is None:
         return _invalid(realm_id, "intuitentityid is missing", element)
     event_type = element.get("type")
-    match = _CE_TYPE.fullmatch(event_type) if isinstance(event_type, str) else None
-    if match is None or not isinstance(event_type, str):
+    names = _type_names(event_type) if isinstance(event_type, str) else None
+    if names is None or not isinstance(event_type, str):
         return _invalid(realm_id, "type is not qbo.<entity>.<operation>.v<N>", element)
-    lower_entity, verb = match.group(1).lower(), match.group(2).lower()
-    entity = _ENTITY_BY_LOWER.get(lower_entity) or lower_entity[:1].upper() + lower_entity[1:]
-    operation = _OPERATION_BY_VERB.get(verb, match.group(2))
+    entity, operation = names
     source_id = element.get("id")
     source_id = source_id if isinstance(source_id, str) else ""
     occurred = element.get("time")
@@ -184,6 +183,17 @@ def _cloudevent(element: object) -> Event | InvalidEvent:
     )
 
 
+@functools.lru_cache(maxsize=1024)
+def _type_names(event_type: str) -> tuple[str, str] | None:
+    """(PascalCase entity, operation word) of a CloudEvents type; types are few, so results are cached."""
+    match = _CE_TYPE.fullmatch(event_type)
+    if match is None:
+        return None
+    lower_entity, verb = match.group(1).lower(), match.group(2).lower()
+    entity = _ENTITY_BY_LOWER.get(lower_entity) or lower_entity[:1].upper() + lower_entity[1:]
+    return entity, _OPERATION_BY_VERB.get(verb, match.group(2))
+
+
 def event_id(realm_id: str, entity: str, entity_id: str, operation: str, deleted_id: str, instant: str) -> str:
     """The format-independent fingerprint of a change (SPEC §5.2)."""
     joined = "\x1f".join((realm_id, entity, entity_id, operation, deleted_id, instant))
@@ -200,17 +210,19 @@ def utc_instant(text: str) -> str | None:
     if match is None:
         return None
     year, month, day, hour, minute, second, fraction, _z, sign, off_h, off_m = match.groups()
-    millis = int((fraction or "0")[:3].ljust(3, "0"))
+    millis = (fraction or "")[:3].ljust(3, "0")
     try:
-        moment = datetime(
-            int(year), int(month), int(day), int(hour), int(minute), int(second), millis * 1000, tzinfo=UTC
-        )
-        if sign:
-            offset = timedelta(hours=int(off_h), minutes=int(off_m))
-            moment = moment - offset if sign == "+" else moment + offset
+        moment = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second))
+        if not sign:  # already UTC, the common case: the matched digits are the answer
+            return f"{year}-{month}-{day}T{hour}:{minute}:{second}.{millis}Z"
+        offset = timedelta(hours=int(off_h), minutes=int(off_m))
+        moment = moment - offset if sign == "+" else moment + offset
     except (ValueError, OverflowError):
         return None
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    return (
+        f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}T"
+        f"{moment.hour:02d}:{moment.minute:02d}:{moment.second:02d}.{millis}Z"
+    )
 
 
 def compact_json(value: object) -> str:

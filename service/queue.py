@@ -13,16 +13,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 
+import orjson
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
 
 from service.errors import StorageUnavailable
 from service.keys import Keys
-from service.models import DeadLetter, Event
+from service.models import EVENT_FIELDS, DeadLetter, Event
 
 logger = logging.getLogger(__name__)
 
 MAX_REQUESTS_PER_CALL = 256
+# Script calls in flight at once. One more than one lets a group fill while the previous call waits on
+# Redis (fsync with appendfsync always); more would only split groups.
+MAX_CALLS_IN_FLIGHT = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +65,8 @@ class StreamRecorder:
         self._replica_timeout_ms = max(1, int(replica_timeout_seconds * 1000))
         self._script = redis.register_script(resources.files("service").joinpath("lua", "record.lua").read_text())
         self._queue: list[_Request] = []
-        self._writer: asyncio.Task[None] | None = None
+        self._writers: set[asyncio.Task[None]] = set()  # kept so the tasks are not garbage-collected
+        self._writing = 0
         self.dead_letter_cap_reached = 0
 
     async def record(self, events: Sequence[Event], letters: Sequence[DeadLetter], received_at: str) -> RecordResult:
@@ -70,8 +75,11 @@ class StreamRecorder:
             return RecordResult()
         request = _Request(events, letters, received_at)
         self._queue.append(request)
-        if self._writer is None:
-            self._writer = asyncio.get_running_loop().create_task(self._drain())
+        if self._writing < MAX_CALLS_IN_FLIGHT:
+            self._writing += 1  # counted here and uncounted by the writer itself, never by a callback later
+            writer = asyncio.get_running_loop().create_task(self._drain())
+            self._writers.add(writer)
+            writer.add_done_callback(self._writers.discard)
         return await request.done
 
     async def preload(self) -> None:
@@ -80,43 +88,45 @@ class StreamRecorder:
 
     async def close(self) -> None:
         """Wait for the writes already queued."""
-        if self._writer is not None:
-            await asyncio.shield(self._writer)
+        if self._writers:
+            await asyncio.shield(asyncio.gather(*self._writers))
 
     async def _drain(self) -> None:
         try:
-            while self._queue:
-                batch = self._queue[:MAX_REQUESTS_PER_CALL]
-                del self._queue[:MAX_REQUESTS_PER_CALL]
-                try:
-                    results = await self._write(batch)
-                except Exception as exc:
-                    # Every request of the call fails: none is answered 200 without its own write.
-                    failure = exc if isinstance(exc, StorageUnavailable) else StorageUnavailable(repr(exc))
-                    for request in batch:
-                        if not request.done.done():
-                            request.done.set_exception(failure)
-                    continue
-                for request, result in zip(batch, results, strict=True):
-                    if not request.done.done():
-                        request.done.set_result(result)
+            await self._drain_queue()
         finally:
-            self._writer = None
+            self._writing -= 1
+
+    async def _drain_queue(self) -> None:
+        while self._queue:
+            batch = self._queue[:MAX_REQUESTS_PER_CALL]
+            del self._queue[:MAX_REQUESTS_PER_CALL]
+            try:
+                results = await self._write(batch)
+            except Exception as exc:
+                # Every request of the call fails: none is answered 200 without its own write.
+                failure = exc if isinstance(exc, StorageUnavailable) else StorageUnavailable(repr(exc))
+                for request in batch:
+                    if not request.done.done():
+                        request.done.set_exception(failure)
+                continue
+            for request, result in zip(batch, results, strict=True):
+                if not request.done.done():
+                    request.done.set_result(result)
 
     async def _write(self, batch: list[_Request]) -> list[RecordResult]:
         keys = [self._keys.events, self._keys.dead_letters]
-        events_args: list[str] = []
-        letters_args: list[str] = []
-        n_events = n_letters = 0
+        seen = self._keys.seen
+        events: list[list[str]] = []
+        letters: list[list[str]] = []
         for request in batch:
             for event in request.events:
-                keys.append(self._keys.seen(event.event_id))
-                _append_fields(events_args, event.stream_fields(request.received_at))
+                keys.append(seen(event.event_id))
+                events.append(event.stream_values(request.received_at))
             for letter in request.letters:
-                _append_fields(letters_args, letter.stream_fields(request.received_at))
-            n_events += len(request.events)
-            n_letters += len(request.letters)
-        args = [self._ttl, str(self._dead_maxlen), str(n_events), str(n_letters), *events_args, *letters_args]
+                letters.append([part for item in letter.stream_fields(request.received_at).items() for part in item])
+        document = orjson.dumps({"names": EVENT_FIELDS, "events": events, "letters": letters})
+        args: list[str | bytes] = [self._ttl, str(self._dead_maxlen), document]
         try:
             reply = await self._call(keys, args)
         except RedisError as exc:
@@ -134,7 +144,7 @@ class StreamRecorder:
             results.append(RecordResult(appended, len(mine) - appended, len(request.letters)))
         return results
 
-    async def _call(self, keys: list[str], args: list[str]) -> list[int]:
+    async def _call(self, keys: list[str], args: list[str | bytes]) -> list[int]:
         if self._min_replicas <= 0:
             return await self._script(keys=keys, args=args)  # type: ignore[no-any-return]
         # WAIT covers the writes of its own connection, so the script and WAIT share one pipeline.
@@ -153,10 +163,3 @@ class StreamRecorder:
                 raise StorageUnavailable(f"write reached {replicas} of {self._min_replicas} required replicas")
             return reply  # type: ignore[no-any-return]
         raise AssertionError("unreachable")
-
-
-def _append_fields(out: list[str], entry: dict[str, str]) -> None:
-    out.append(str(len(entry)))
-    for name, value in entry.items():
-        out.append(name)
-        out.append(value)

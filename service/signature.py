@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 from collections.abc import Iterable, Sequence
@@ -50,7 +51,7 @@ def sign(token: str, body: bytes) -> str:
 
 def digest(token: str, body: bytes) -> bytes:
     """HMAC-SHA256 of the raw body bytes, keyed by the token's UTF-8 bytes."""
-    return hmac.new(token.encode("utf-8"), body, hashlib.sha256).digest()
+    return hmac.digest(token.encode("utf-8"), body, "sha256")
 
 
 def matches(token: str, body: bytes, signature: bytes) -> bool:
@@ -79,6 +80,7 @@ def same_token(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode("utf-8"), b.encode("utf-8"))
 
 
+@functools.lru_cache(maxsize=4096)
 def fingerprint(token: str) -> str:
     """First 16 hex characters of SHA-256 of the token: names a token in dead letters without revealing it."""
     return hashlib.sha256(token.encode("utf-8")).hexdigest()[:16]
