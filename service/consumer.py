@@ -228,7 +228,8 @@ class Consumer:
                     return claimed
             return await self._read(count)
         except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
+            # NOGROUP: the group (or the stream with it) was deleted; UNBLOCKED: a blocked read saw it happen.
+            if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
                 raise
             logger.warning("group %s or stream %s is gone; re-creating it at 0", self.group, self._keys.events)
             await self.ensure_group("0")
