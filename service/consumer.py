@@ -33,24 +33,22 @@ import logging
 import os
 import socket
 from collections import deque
-from collections.abc import Callable
-from importlib import resources
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service.deadletters import handler_failed_letter
 from service.entries import SchemaError, StreamEvent
+from service.group import Entry, StreamGroup, group_is_gone
 from service.keys import Keys
 
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[StreamEvent], Any]
-_Entry = tuple[str, dict[str, str], int]  # entry id, fields, delivery count
 
 
 class Consumer:
@@ -86,19 +84,15 @@ class Consumer:
         self.name = consumer or f"{socket.gethostname()}-{os.getpid()}"
         self.max_deliveries = max_deliveries
         self.claim_idle = claim_idle
-        self._redis = redis
-        self._keys = Keys(prefix)
+        self._stream = StreamGroup(redis, Keys(prefix), group, self.name, dead_letter_maxlen=dead_letter_maxlen)
         self._start = start
         self._batch_size = batch_size
         self._block_ms = max(1, int(block * 1000))
-        self._dead_maxlen = str(dead_letter_maxlen)
-        self._claim_script = redis.register_script(_lua("claim.lua"))
-        self._dead_letter_script = redis.register_script(_lua("dead_letter.lua"))
-        self._buffer: deque[_Entry] = deque()
+        self._idle_ms = max(1, int(claim_idle * 1000))
+        self._buffer: deque[Entry] = deque()
         self._in_flight: set[str] = set()
         self._current: str | None = None
         self._stopping = asyncio.Event()
-        self._claim_cursor = "0-0"
         self._next_claim = 0.0
         self._claim_interval = max(0.01, min(claim_idle / 2, 5.0))
 
@@ -113,13 +107,7 @@ class Consumer:
 
     async def ensure_group(self, start: str | None = None) -> None:
         """Create the group (and the stream) if missing; an existing group is left as it is."""
-        try:
-            await self._redis.xgroup_create(self._keys.events, self.group, start or self._start, mkstream=True)
-        except ResponseError as exc:
-            if not str(exc).startswith("BUSYGROUP"):
-                raise
-        else:
-            logger.info("created consumer group %s on %s at %s", self.group, self._keys.events, start or self._start)
+        await self._stream.ensure(start or self._start)
 
     def stop(self) -> None:
         """Ask the consumer to stop: nothing new is read; iteration ends; ``process`` drains and returns."""
@@ -134,7 +122,7 @@ class Consumer:
         self.stop()
         ids = [entry_id for entry_id, _, _ in self._buffer]
         self._buffer.clear()
-        await self._release(ids)
+        await self._stream.release(ids, self._idle_ms)
 
     # -- iterator style -------------------------------------------------------------------------------
 
@@ -177,7 +165,7 @@ class Consumer:
                     continue
                 for entry in await self._fetch(concurrency - len(tasks)):
                     if self.stopping:
-                        await self._release([entry[0]])
+                        await self._stream.release([entry[0]], self._idle_ms)
                         continue
                     event = await self._deliverable(entry)
                     if event is None:
@@ -203,35 +191,43 @@ class Consumer:
 
     async def _handle(self, handler: Handler, event: StreamEvent) -> None:
         try:
-            if inspect.iscoroutinefunction(handler):
-                await handler(event)
-            else:
-                result = await asyncio.to_thread(handler, event)
-                if inspect.isawaitable(result):
-                    await result
-        except Exception as exc:
-            await self._failed(event.entry_id, dict(event.fields), event.deliveries, exc)
-            return
-        finally:
-            self._in_flight.discard(event.entry_id)
-        await self._ack(event.entry_id)
+            try:
+                if inspect.iscoroutinefunction(handler):
+                    await handler(event)
+                else:
+                    result = await asyncio.to_thread(handler, event)
+                    if inspect.isawaitable(result):
+                        await result
+            except Exception as exc:
+                await self._failed(event.entry_id, event.fields, event.deliveries, exc)
+                return
+            finally:
+                self._in_flight.discard(event.entry_id)
+            await self._ack(event.entry_id)
+        except RedisError as exc:
+            # The entry stays pending and is delivered again after claim_idle.
+            logger.error("Redis failed after handling entry %s: %s", event.entry_id, type(exc).__name__)
 
-    # -- the engine -----------------------------------------------------------------------------------
+    # -- delivery policy ------------------------------------------------------------------------------
 
-    async def _fetch(self, count: int) -> list[_Entry]:
-        """Reclaimed entries if any are due, else new ones (waiting up to ``block``); [] on stop."""
+    async def _fetch(self, count: int) -> list[Entry]:
+        """Reclaimed entries if any are due, else new ones (waiting up to ``block``); [] on stop or recovery."""
         try:
             loop = asyncio.get_running_loop()
             if loop.time() >= self._next_claim:
-                claimed = await self._reclaim(count)
+                claimed, complete = await self._stream.claim(count, self._idle_ms)
+                if complete:
+                    self._next_claim = loop.time() + self._claim_interval
+                # An entry still being handled here went idle because its handler is slow: not a second copy.
+                claimed = [entry for entry in claimed if entry[0] not in self._in_flight]
                 if claimed:
+                    logger.info("reclaimed %d entries idle for more than %.1fs", len(claimed), self.claim_idle)
                     return claimed
-            return await self._read(count)
+            return await self._stream.read(count, self._block_ms, self._stopping)
         except ResponseError as exc:
-            # NOGROUP: the group (or the stream with it) was deleted; UNBLOCKED: a blocked read saw it happen.
-            if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
+            if not group_is_gone(exc):
                 raise
-            logger.warning("group %s or stream %s is gone; re-creating it at 0", self.group, self._keys.events)
+            logger.warning("group %s or its stream is gone; re-creating it at 0", self.group)
             await self.ensure_group("0")
         except (RedisConnectionError, RedisTimeoutError) as exc:
             logger.warning("Redis unavailable while consuming (%s); retrying", type(exc).__name__)
@@ -239,44 +235,7 @@ class Consumer:
                 await asyncio.wait_for(self._stopping.wait(), timeout=1.0)
         return []
 
-    async def _reclaim(self, count: int) -> list[_Entry]:
-        idle_ms = str(max(1, int(self.claim_idle * 1000)))
-        args = [self.group, self.name, idle_ms, self._claim_cursor, str(count)]
-        cursor, claimed, deleted = await self._claim_script(keys=[self._keys.events], args=args)
-        self._claim_cursor = cursor
-        if cursor == "0-0":
-            self._next_claim = asyncio.get_running_loop().time() + self._claim_interval
-        if deleted:
-            logger.warning("acknowledged %d pending entries that no longer exist in the stream", deleted)
-        entries = []
-        for entry_id, deliveries, flat in claimed:
-            if entry_id in self._in_flight:
-                continue  # still being handled here; it went idle because the handler is slow
-            entries.append((entry_id, dict(zip(flat[::2], flat[1::2], strict=True)), int(deliveries)))
-        if entries:
-            logger.info("reclaimed %d entries idle for more than %.1fs", len(entries), self.claim_idle)
-        return entries
-
-    async def _read(self, count: int) -> list[_Entry]:
-        read = asyncio.ensure_future(
-            self._redis.xreadgroup(self.group, self.name, {self._keys.events: ">"}, count=count, block=self._block_ms)
-        )
-        stop_wait = asyncio.ensure_future(self._stopping.wait())
-        try:
-            await asyncio.wait({read, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop_wait.cancel()
-        if not read.done():
-            # Entries the server hands out as the read is abandoned stay pending and are reclaimed later.
-            read.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await read
-            return []
-        reply: Any = read.result() or []
-        streams = reply.items() if isinstance(reply, dict) else reply  # RESP3 answers a map
-        return [(entry_id, fields, 1) for _, batch in streams for entry_id, fields in batch if entry_id is not None]
-
-    async def _deliverable(self, entry: _Entry) -> StreamEvent | None:
+    async def _deliverable(self, entry: Entry) -> StreamEvent | None:
         """The entry as an event to hand out, or ``None`` when it was dead-lettered or is not understood."""
         entry_id, fields, deliveries = entry
         if deliveries > self.max_deliveries:
@@ -296,18 +255,13 @@ class Consumer:
             return None
 
     async def _ack(self, entry_id: str) -> None:
-        acked = await self._redis.xack(self._keys.events, self.group, entry_id)
-        if not acked:
-            logger.info(
-                "entry %s was no longer pending for group %s (reclaimed, or the group was reset)", entry_id, self.group
-            )
+        if not await self._stream.ack(entry_id):
+            logger.info("entry %s was no longer pending (reclaimed, or the group was reset)", entry_id)
 
-    async def _failed(self, entry_id: str, fields: dict[str, str], deliveries: int, error: BaseException) -> None:
-        message = f"{type(error).__name__}: {error}"
+    async def _failed(self, entry_id: str, fields: Mapping[str, str], deliveries: int, error: BaseException) -> None:
         if deliveries >= self.max_deliveries:
-            await self._dead_letter(
-                entry_id, fields, message, f"handler failed on delivery {deliveries} of {self.max_deliveries}"
-            )
+            detail = f"handler failed on delivery {deliveries} of {self.max_deliveries}"
+            await self._dead_letter(entry_id, fields, f"{type(error).__name__}: {error}", detail)
             return
         logger.warning(
             "handler failed on entry %s (delivery %d of %d): %s; retried after %.1fs",
@@ -318,30 +272,18 @@ class Consumer:
             self.claim_idle,
         )
 
-    async def _dead_letter(self, entry_id: str, fields: dict[str, str], error: str, detail: str) -> None:
-        letter = handler_failed_letter(entry_id, fields, error=error, detail=detail)
-        args = [self.group, self.name, entry_id, self._dead_maxlen]
-        for name, value in letter.items():
-            args += [name, value]
+    async def _dead_letter(self, entry_id: str, fields: Mapping[str, str], error: str, detail: str) -> None:
         try:
-            letter_id = await self._dead_letter_script(keys=[self._keys.events, self._keys.dead_letters], args=args)
+            letter_id = await self._stream.dead_letter(entry_id, fields, error=error, detail=detail)
         except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
+            if not group_is_gone(exc):
                 raise
-            await self.ensure_group("0")  # the entry will be delivered again by the new group
+            await self.ensure_group("0")  # the new group delivers the entry again
             return
         if letter_id:
             logger.error("entry %s dead-lettered as %s (handler_failed): %s", entry_id, letter_id, detail)
         else:
-            logger.info("entry %s was not pending for %s any more; not dead-lettered here", entry_id, self.name)
-
-    async def _release(self, entry_ids: list[Any]) -> None:
-        """Make entries we read but never handed out claimable at once (JUSTID: the count is not raised)."""
-        if not entry_ids:
-            return
-        idle_ms = max(1, int(self.claim_idle * 1000))
-        with contextlib.suppress(Exception):
-            await self._redis.xclaim(self._keys.events, self.group, self.name, 0, entry_ids, idle=idle_ms, justid=True)
+            logger.info("entry %s is no longer pending for %s; not dead-lettered here", entry_id, self.name)
 
 
 async def run(
@@ -385,10 +327,6 @@ async def run(
 async def _stop_on(event: asyncio.Event, worker: Consumer) -> None:
     await event.wait()
     worker.stop()
-
-
-def _lua(name: str) -> str:
-    return resources.files("service").joinpath("lua", name).read_text(encoding="utf-8")
 
 
 __all__ = ["Consumer", "Handler", "StreamEvent", "run"]
