@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import importlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -64,6 +65,8 @@ def register(sub: Any) -> None:
 
 
 async def cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # handlers are found in the working directory, as uvicorn finds apps
     try:
         handler = load_handler(args.handler)
     except (ImportError, AttributeError, ValueError) as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 import redis as redis_sync
@@ -54,3 +55,12 @@ async def eventually(condition: Callable[[], bool], within: float = 5.0, interva
         if loop.time() > deadline:
             raise AssertionError("condition not met within the timeout")
         await asyncio.sleep(interval)
+
+
+def wait_for(condition: Callable[[], bool], within: float = 20.0) -> None:
+    """The blocking form of ``eventually``, for tests that drive other processes."""
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met within the timeout")
+        time.sleep(0.02)

@@ -15,20 +15,12 @@ import redis as redis_sync
 
 from tests.consume_handlers import lines
 from tests.helpers import dead_letters
-from tests.stream_helpers import EVENTS, add_events, pending_count
+from tests.stream_helpers import EVENTS, add_events, pending_count, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 GROUP = "workers"
 
 pytestmark = pytest.mark.slow
-
-
-def wait_for(condition: Callable[[], bool], within: float = 20.0) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met within the timeout")
-        time.sleep(0.02)
 
 
 @pytest.fixture
