@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import orjson
 from redis.asyncio import Redis
 
+from service.crypto import SecretBox
 from service.keys import Keys
 from service.models import ConnectionMetadata, DeadLetter, DeadLetterReason, Event, utc_timestamp
 from service.payloads import parse_body
@@ -191,6 +192,8 @@ class DeadLetters:
         token = metadata.webhook_verifier_token
         if not token:
             return self._refused(letter, f"realm {realm_id} has no verifier token")
+        if SecretBox.is_encrypted(token):  # the store hands back what no configured key opens as stored
+            return self._refused(letter, f"realm {realm_id}'s verifier token cannot be decrypted (QBO_ENCRYPTION_KEYS)")
         current = fingerprint(token)
         if current != verified_by:
             return self._refused(

@@ -138,6 +138,11 @@ async def test_replay_reads_an_encrypted_token(
     store = ConnectionStore(redis, Keys(), SecretBox([key]))
     await store.put(ConnectionMetadata(realm_id=REALM, webhook_verifier_token=APP_TOKEN, environment="sandbox"))
     assert str(sync_redis.hget(f"qbo:connection:{REALM}", "webhook_verifier_token")).startswith("enc:v1:")
+    (refused,) = await dead_letter_store(redis, (Fernet.generate_key().decode(),)).replay_matching("unknown_realm")
+    assert (refused.status, refused.detail) == (
+        "refused",
+        f"realm {REALM}'s verifier token cannot be decrypted (QBO_ENCRYPTION_KEYS)",
+    )
     (outcome,) = await dead_letter_store(redis, (key,)).replay_matching("unknown_realm")
     assert outcome.status == "queued"
 
