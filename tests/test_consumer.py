@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import subprocess
+import sys
 from typing import Any
 
 import orjson
@@ -325,3 +327,26 @@ async def test_a_client_without_decoded_responses_is_refused(redis_url: str) -> 
     with pytest.raises(ValueError, match="decode_responses"):
         Consumer(client, group="g")
     await client.aclose()
+
+
+def test_the_consumer_library_imports_without_starlette() -> None:
+    code = "import sys, service.consumer; sys.exit('starlette' in sys.modules or 'uvicorn' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+async def test_concurrency_bounds_the_handlers_running_at_once(redis: Redis, sync_redis: redis_sync.Redis) -> None:
+    add_events(sync_redis, 12)
+    running, peak, done = 0, 0, []
+
+    async def handle(event: StreamEvent) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.03)
+        running -= 1
+        done.append(event.entry_id)
+
+    worker = Consumer(redis, group="billing", block=0.05)
+    async with worker:
+        await asyncio.gather(worker.process(handle, concurrency=3), _stop_later(worker, lambda: len(done) == 12))
+    assert peak == 3
