@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--follow", action="store_true", help="then wait for new entries")
     tail.add_argument("--dead", action="store_true", help="read the dead-letter stream instead")
     tail.set_defaults(command=cmd_events_tail)
+
+    from service import cli_ops  # here, not at the top: cli_ops imports this module's helpers
+
+    cli_ops.register(sub)
     return parser
 
 
