@@ -208,7 +208,7 @@ class DeadLetters:
             return self._refused(letter, "the payload does not parse as an event")
         if event.realm_id != realm_id:
             return self._refused(letter, f"the payload names realm {event.realm_id}, the letter {realm_id}")
-        event = event.with_environment(metadata.environment or "")
+        event.environment = metadata.environment or ""
         fields = event.stream_fields(letter.fields.get("received_at") or utc_timestamp())
         keys = [self._keys.events, self._keys.dead_letters, self._keys.seen(event.event_id)]
         status, entry_id = await self._replay(keys=keys, args=[letter.id, self._ttl, *_flatten(fields)])
