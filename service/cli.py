@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import urllib.error
@@ -134,6 +135,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             url,
             embedded.dir,
         )
+    # uvicorn restores the handlers it found and re-raises the signal it stopped on; with the default
+    # SIGTERM action the process would die right there and leave the embedded Redis running.
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         uvicorn.run(
             "service.app:create_app",
@@ -147,9 +151,14 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             timeout_graceful_shutdown=10,
         )
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if embedded is not None:
             embedded.stop()
     return 0
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 # -- connections --------------------------------------------------------------------------------------

@@ -98,7 +98,10 @@ class EmbeddedRedis:
             config["requirepass"] = self.password
         conf = self.dir / "redis.conf"
         conf.write_text("".join(f"{k} {_quote(v)}\n" for k, v in config.items()), encoding="utf-8")
-        self.process = subprocess.Popen([self.binary, str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # A session of its own: a Ctrl-C meant for the service must not stop Redis while the service drains.
+        self.process = subprocess.Popen(
+            [self.binary, str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+        )
         deadline = time.monotonic() + timeout
         while not self._answers():
             if self.process.poll() is not None:

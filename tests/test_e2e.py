@@ -126,10 +126,11 @@ def test_serve_register_send_test_and_read_the_stream(redis_url: str, sync_redis
     assert len(tail.stdout.splitlines()) == 2
 
 
-def test_serve_without_redis_url_runs_and_stops_the_embedded_redis(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_without_redis_url_runs_and_stops_the_embedded_redis(tmp_path: Path, workers: str) -> None:
     port = free_port()
     env = base_env(QBO_DATA_DIR=str(tmp_path / "data"))
-    with serving(env, port, "--workers", "2") as process:
+    with serving(env, port, "--workers", workers) as process:
         token = "embedded-token"
         assert cli("connections", "put", "555", "--verifier-token", token, env=env).returncode == 0
         url = f"http://127.0.0.1:{port}/webhooks/quickbooks"
