@@ -71,18 +71,23 @@ def create_app(settings: Settings | None = None, *, redis: Redis | None = None) 
         )
         handlers.redis = client
         handlers.ingestor = Ingestor(store, recorder, app_tokens=settings.app_tokens)
+        handlers.metrics.gauges_from = [("decrypt_failures", store), ("dead_letter_cap_reached", recorder)]
+        background = [asyncio.get_running_loop().create_task(_write_metrics(handlers))]
         with contextlib.suppress(RedisError):  # Redis may be down at start-up; scripts then load on first use
             await store.preload()
             await recorder.preload()
         await _rebuild_once(store, limit_seconds=10.0)  # before serving: bodies naming no known realm need the index
-        rebuild = asyncio.get_running_loop().create_task(_keep_token_index(store))
+        background.append(asyncio.get_running_loop().create_task(_keep_token_index(store)))
         try:
             yield
         finally:
-            rebuild.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await rebuild
+            for task in background:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await recorder.close()
+            if handlers.metrics_files is not None:
+                handlers.metrics_files.write(handlers.metrics)
             handlers.ingestor = None
             if redis is None:
                 await client.aclose()
@@ -124,6 +129,18 @@ class ReceiverApp(Starlette):
             await self._webhook(scope, receive, send)
             return
         await super().__call__(scope, receive, send)
+
+
+async def _write_metrics(handlers: Handlers) -> None:
+    """With several workers, publish this worker's counts for the others' /metrics (about once a second)."""
+    if handlers.metrics_files is None:
+        return
+    while True:
+        try:
+            await asyncio.to_thread(handlers.metrics_files.write, handlers.metrics)
+        except OSError as exc:
+            logger.warning("cannot write metrics file: %s", exc)
+        await asyncio.sleep(1.0)
 
 
 async def _keep_token_index(store: ConnectionStore) -> None:

@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -135,6 +136,12 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             url,
             embedded.dir,
         )
+    metrics_dir: Path | None = None
+    if args.workers > 1:
+        # Each worker keeps its own counters; /metrics sums the files the workers write here.
+        metrics_dir = Path(settings.data_dir).resolve() / f"metrics-{os.getpid()}"
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        os.environ["QBO_METRICS_DIR"] = str(metrics_dir)
     # uvicorn restores the handlers it found and re-raises the signal it stopped on; with the default
     # SIGTERM action the process would die right there and leave the embedded Redis running.
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
@@ -152,6 +159,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         )
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
         if embedded is not None:
             embedded.stop()
     return 0

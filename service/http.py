@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.requests import ClientDisconnect, Request
@@ -25,6 +26,7 @@ from starlette.types import Receive, Scope, Send
 from service.deadlines import Deadlines
 from service.errors import QBOError, SignatureError, StorageUnavailable
 from service.ingest import Ingestor, IngestReport
+from service.metrics import Metrics, MetricsFiles, merge, render
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -72,8 +74,9 @@ def answer_for(exc: BaseException) -> Answer:
 class Webhook:
     """``POST`` of Intuit's deliveries: read the body (capped, timed), ingest it within the budget, answer."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.ingestor: Ingestor | None = None
         self._ids = itertools.count(1)
         self._deadlines = Deadlines()
@@ -120,7 +123,24 @@ class Webhook:
             headers.extend((k.encode(), v.encode()) for k, v in answer.headers.items())
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
-        self._log(request_id, status, report, error, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self._count(status, seconds, report, error)
+        self._log(request_id, status, report, error, seconds)
+
+    def _count(self, status: int, seconds: float, report: IngestReport | None, error: BaseException | None) -> None:
+        metrics = self.metrics
+        metrics.observe(status, seconds)
+        if report is not None:
+            if report.accepted:
+                metrics.events["accepted"] += report.accepted
+            if report.duplicates:
+                metrics.events["duplicate"] += report.duplicates
+            for reason, count in report.reasons.items():
+                metrics.events[reason] += count
+        elif isinstance(error, SignatureError):
+            metrics.signature_failures[error.reason] += 1
+        elif error is not None:
+            metrics.errors[_cause(error)] += 1
 
     async def _read_body(self, receive: Receive, declared: int | None) -> bytes:
         limit = self.settings.max_body_bytes
@@ -188,7 +208,9 @@ class Handlers:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.webhook = Webhook(settings)
+        self.metrics = Metrics()
+        self.metrics_files = MetricsFiles(settings.metrics_dir) if settings.metrics_dir else None
+        self.webhook = Webhook(settings, self.metrics)
         self.redis: Redis | None = None
 
     @property
@@ -206,7 +228,15 @@ class Handlers:
             Route(path + "/", self.webhook, methods=["POST"]),
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/readyz", self.readyz, methods=["GET"]),
+            Route("/metrics", self.metrics_endpoint, methods=["GET"]),
         ]
+
+    async def metrics_endpoint(self, request: Request) -> Response:
+        if self.metrics_files is not None:
+            snapshot = await asyncio.to_thread(self.metrics_files.read_all, self.metrics)
+        else:
+            snapshot = merge([self.metrics.snapshot()])
+        return Response(render(snapshot), media_type=CONTENT_TYPE_LATEST)
 
     async def healthz(self, request: Request) -> Response:
         return Response(b'{"status":"ok"}', media_type="application/json")
@@ -220,6 +250,16 @@ class Handlers:
         except (RedisError, TimeoutError, StorageUnavailable, OSError):
             return Response(b'{"status":"redis unavailable"}', 503, headers=_RETRY, media_type="application/json")
         return Response(b'{"status":"ready"}', media_type="application/json")
+
+
+def _cause(error: BaseException) -> str:
+    if isinstance(error, StorageUnavailable):
+        return "redis"
+    if isinstance(error, TimeoutError):
+        return "timeout"
+    if isinstance(error, BodyTimeout | BodyTooLarge | ClientDisconnect):
+        return "body"
+    return "internal"
 
 
 def _short(error: BaseException | None) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Any
+from typing import Any, TextIO
 
 import orjson
 
@@ -30,9 +30,9 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode("utf-8")
 
 
-def configure(level: str = "INFO", fmt: str = "console") -> None:
-    """Install one handler on the root logger (and route uvicorn's loggers through it)."""
-    handler = logging.StreamHandler(sys.stderr)
+def configure(level: str = "INFO", fmt: str = "console", stream: TextIO | None = None) -> None:
+    """Install one handler on the root logger, writing to ``stream`` (stderr), and route uvicorn's loggers to it."""
+    handler = logging.StreamHandler(stream or sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:

@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["console", "json"] = "console"
     data_dir: str = Field(default=".data", description="where the embedded Redis keeps its files")
+    metrics_dir: str | None = Field(default=None, description="set by `serve --workers N`: per-worker metrics files")
 
     @field_validator("webhook_path")
     @classmethod

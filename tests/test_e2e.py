@@ -141,6 +141,15 @@ def test_serve_without_redis_url_runs_and_stops_the_embedded_redis(tmp_path: Pat
             assert sent.stdout.startswith("200 "), sent.stdout + sent.stderr
         tail = cli("events", "tail", "--from-start", env=env)
         assert len(tail.stdout.splitlines()) == 3
+        # Whichever worker answers, /metrics counts the deliveries of all of them (files refresh each second).
+        deadline = time.monotonic() + 10
+        while True:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+                text = response.read().decode()
+            if 'qbo_webhook_requests_total{status="200"} 3.0' in text:
+                break
+            assert time.monotonic() < deadline, text
+            time.sleep(0.3)
         sock_dir = tmp_path / "data" / "redis"
         assert (sock_dir / "appendonly.aof").exists() or (sock_dir / "appendonlydir").exists()
         process.send_signal(signal.SIGTERM)
