@@ -70,7 +70,9 @@ def create_app(settings: Settings | None = None, *, redis: Redis | None = None) 
             replica_timeout_seconds=settings.response_budget_seconds / 2,
         )
         handlers.redis = client
-        handlers.ingestor = Ingestor(store, recorder, app_tokens=settings.app_tokens)
+        handlers.ingestor = Ingestor(
+            store, recorder, app_tokens=settings.app_tokens, budget_seconds=settings.response_budget_seconds
+        )
         handlers.metrics.gauges_from = [("decrypt_failures", store), ("dead_letter_cap_reached", recorder)]
         background = [asyncio.get_running_loop().create_task(_write_metrics(handlers))]
         with contextlib.suppress(RedisError):  # Redis may be down at start-up; scripts then load on first use

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -57,10 +58,20 @@ class IngestReport:
 class Ingestor:
     """Authenticates a delivery and records every event of it exactly once."""
 
-    def __init__(self, routes: RouteSource, recorder: Recorder, *, app_tokens: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        routes: RouteSource,
+        recorder: Recorder,
+        *,
+        app_tokens: Sequence[str] = (),
+        budget_seconds: float = 2.0,
+        heavy_verifications: int = 2,
+    ) -> None:
         self._routes = routes
         self._recorder = recorder
         self._app_tokens = tuple(app_tokens)
+        self._budget = budget_seconds
+        self._heavy = asyncio.Semaphore(heavy_verifications)
 
     async def ingest(self, body: bytes, signature_headers: Sequence[str]) -> IngestReport:
         """Raises ``SignatureError`` (not authentic; nothing written) or ``StorageUnavailable``."""
@@ -102,7 +113,11 @@ class Ingestor:
         candidates.extend(self._app_tokens)
         if len(body) * len(candidates) <= _INLINE_HMAC_BYTES:
             return find_verifying_token(candidates, body, signature)
-        return await asyncio.to_thread(find_verifying_token, candidates, body, signature)
+        # Off the event loop (hashlib releases the GIL), two at a time, and abandoned at the response budget:
+        # a flood of large unauthenticated bodies cannot pile up hashing work (SPEC §4.4).
+        deadline = time.monotonic() + self._budget
+        async with self._heavy:
+            return await asyncio.to_thread(find_verifying_token, candidates, body, signature, deadline)
 
 
 def _stale(routes: dict[str, RealmRoute | None], cached: set[str], verified: str | None) -> list[str]:

@@ -29,7 +29,7 @@ class Settings(BaseSettings):
     encryption_keys: str = ""
     response_budget_seconds: float = Field(default=2.0, gt=0, le=30)
     body_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
-    connection_cache_seconds: float = Field(default=10.0, ge=0, le=10)
+    connection_cache_seconds: float = Field(default=10.0, ge=0, le=3600)
     retired_token_days: float = Field(default=30.0, ge=0)
     dead_letter_maxlen: int = Field(default=1_000_000, ge=1000)
     require_durable: bool = False

@@ -10,6 +10,7 @@ import binascii
 import functools
 import hashlib
 import hmac
+import time
 from collections.abc import Iterable, Sequence
 
 from service.errors import SignatureError
@@ -59,16 +60,21 @@ def matches(token: str, body: bytes, signature: bytes) -> bool:
     return hmac.compare_digest(digest(token, body), signature)
 
 
-def find_verifying_token(tokens: Iterable[str], body: bytes, signature: bytes) -> str | None:
+def find_verifying_token(
+    tokens: Iterable[str], body: bytes, signature: bytes, deadline: float | None = None
+) -> str | None:
     """The first of ``tokens`` (each tried once) whose HMAC of ``body`` equals ``signature``, else ``None``.
 
     Every candidate is computed and compared, so how long this takes does not tell which one matched.
+    With a ``deadline`` (``time.monotonic()``), raises ``TimeoutError`` once it passes with work left.
     """
     found: str | None = None
     seen: set[str] = set()
     for token in tokens:
         if not token or token in seen:
             continue
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError("signature check exceeded the response budget")
         seen.add(token)
         if matches(token, body, signature) and found is None:
             found = token

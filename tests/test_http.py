@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -405,3 +406,24 @@ def test_secrets_never_reach_stream_entries_or_logs(
     for value in [*secrets.values(), signature]:
         assert value not in dumped
     assert "status=200" in caplog.text
+
+
+def test_large_forged_bodies_cannot_buy_unbounded_hashing(
+    client_factory: Callable[..., Any], sync_redis: redis_sync.Redis
+) -> None:
+    """Bodies naming no registered realm are checked against every known token; that work stops at the budget."""
+    for n in range(400):
+        token = f"tenant-token-{n}"
+        sync_redis.hset("qbo:verifier-tokens", fingerprint(token), orjson.dumps({"token": token, "last_seen": 9e9}))
+    body = b'{"eventNotifications":[' + b" " * (5 * 1024 * 1024 - 100) + b"]}"  # about 2 GB of HMAC input in all
+    with client_factory(response_budget_seconds=0.2) as client:
+        response = post(client, body, "not-a-known-token")
+        time.sleep(0.3)
+        cpu = time.process_time()
+        time.sleep(1.0)
+        busy = time.process_time() - cpu
+    assert response.status_code == 503
+    assert response.headers["retry-after"]
+    assert busy < 0.5  # no thread is still hashing the body after the answer (all of it takes seconds)
+    assert sync_redis.xlen("qbo:events") == 0
+    assert sync_redis.xlen("qbo:events:dead") == 0

@@ -3,6 +3,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import time
 
 import pytest
 
@@ -78,3 +79,11 @@ def test_fingerprint_and_token_equality() -> None:
     assert fingerprint(REAL_TOKEN) == hashlib.sha256(REAL_TOKEN.encode()).hexdigest()[:16]
     assert same_token("tøken", "tøken")
     assert not same_token("tøken", "token")
+
+
+def test_a_passed_deadline_stops_the_search() -> None:
+    body = b"x" * 1000
+    signature = parse_header([sign("z", body)])
+    with pytest.raises(TimeoutError):
+        find_verifying_token(["a", "b", "z"], body, signature, deadline=time.monotonic() - 1)
+    assert find_verifying_token(["a", "b", "z"], body, signature, deadline=time.monotonic() + 60) == "z"
