@@ -29,6 +29,7 @@ from service.embedded import EmbeddedRedis
 from service.errors import QBOError
 from service.keys import Keys
 from service.models import ConnectionMetadata
+from service.payloads import VERB_BY_OPERATION
 from service.settings import Settings, load_settings
 from service.signature import sign
 
@@ -265,16 +266,6 @@ def cmd_sign(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-_VERBS = {
-    "Create": "created",
-    "Update": "updated",
-    "Delete": "deleted",
-    "Merge": "merged",
-    "Void": "void",
-    "Emailed": "emailed",
-}
-
-
 def test_body(fmt: str, realm_id: str, entity: str, entity_id: str, operation: str) -> bytes:
     """A delivery of one event, shaped as Intuit sends it."""
     now = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z"
@@ -282,7 +273,7 @@ def test_body(fmt: str, realm_id: str, entity: str, entity_id: str, operation: s
         entry = {"name": entity, "id": entity_id, "operation": operation, "lastUpdated": now}
         document: Any = {"eventNotifications": [{"realmId": realm_id, "dataChangeEvent": {"entities": [entry]}}]}
     else:
-        verb = _VERBS.get(operation, operation.lower())
+        verb = VERB_BY_OPERATION.get(operation, operation.lower())
         document = [
             {
                 "specversion": "1.0",

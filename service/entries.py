@@ -12,26 +12,12 @@ from typing import Any
 import orjson
 
 from service.errors import QBOError
+from service.models import EVENT_FIELDS
 
 SUPPORTED_VERSIONS = frozenset({"1"})
 
 # The fields of a version-1 entry, in the order the receiver writes them.
-V1_FIELDS = (
-    "v",
-    "event_id",
-    "source_id",
-    "realm_id",
-    "entity",
-    "entity_id",
-    "operation",
-    "deleted_id",
-    "occurred_at",
-    "type",
-    "format",
-    "environment",
-    "received_at",
-    "payload",
-)
+V1_FIELDS = EVENT_FIELDS
 
 
 class SchemaError(QBOError):

@@ -38,7 +38,7 @@ _OPERATION_BY_VERB = {
     "voided": "Void",
     "emailed": "Emailed",
 }
-_VERB_BY_OPERATION = {
+VERB_BY_OPERATION = {
     "Create": "created",
     "Update": "updated",
     "Delete": "deleted",
@@ -46,7 +46,7 @@ _VERB_BY_OPERATION = {
     "Void": "void",
     "Emailed": "emailed",
 }
-_OPERATION_BY_LOWER = {op.lower(): op for op in _VERB_BY_OPERATION}
+_OPERATION_BY_LOWER = {op.lower(): op for op in VERB_BY_OPERATION}
 
 _CE_TYPE = re.compile(r"qbo\.([A-Za-z0-9_]+)\.([A-Za-z_]+)\.v([0-9]+)", re.ASCII)
 _TIME = re.compile(
@@ -131,7 +131,7 @@ def _legacy_entity(realm_id: str, entity: object) -> Event | InvalidEvent:
     occurred = entity.get("lastUpdated")
     occurred_at = occurred if isinstance(occurred, str) else ""
     instant = utc_instant(occurred_at) or f"raw:{occurred_at}"
-    verb = _VERB_BY_OPERATION.get(operation, operation.lower())
+    verb = VERB_BY_OPERATION.get(operation, operation.lower())
     return Event(
         event_id=event_id(realm_id, name, entity_id, operation, deleted_id, instant),
         source_id="",
