@@ -38,63 +38,41 @@ def create_app(settings: Settings | None = None, *, redis: Redis | None = None) 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        embedded: EmbeddedRedis | None = None
-        client = redis
-        if client is None:
-            url = settings.redis_url
-            if url is None:
-                embedded = EmbeddedRedis(settings.data_dir)
-                url = await asyncio.to_thread(embedded.start)
-                logger.info(
-                    "embedded Redis (%s) at %s, data in %s; set QBO_REDIS_URL to use your own Redis",
-                    embedded.binary or "already running",
-                    embedded.url,
-                    embedded.dir,
-                )
-            client = make_redis(url, timeout=settings.response_budget_seconds)
-        await check_durability(client, require=settings.require_durable)
-        keys = Keys(settings.key_prefix)
-        store = ConnectionStore(
-            client,
-            keys,
-            SecretBox(settings.fernet_keys),
-            cache_seconds=settings.connection_cache_seconds,
-            retired_token_days=settings.retired_token_days,
-        )
-        recorder = StreamRecorder(
-            client,
-            keys,
-            dedupe_ttl_seconds=settings.dedupe_ttl_seconds,
-            dead_letter_maxlen=settings.dead_letter_maxlen,
-            min_replicas=settings.min_replicas,
-            replica_timeout_seconds=settings.response_budget_seconds / 2,
-        )
-        handlers.redis = client
-        handlers.ingestor = Ingestor(
-            store, recorder, app_tokens=settings.app_tokens, budget_seconds=settings.response_budget_seconds
-        )
-        handlers.metrics.gauges_from = [("decrypt_failures", store), ("dead_letter_cap_reached", recorder)]
-        background = [asyncio.get_running_loop().create_task(_write_metrics(handlers))]
-        with contextlib.suppress(RedisError):  # Redis may be down at start-up; scripts then load on first use
-            await store.preload()
-            await recorder.preload()
-        await _rebuild_once(store, limit_seconds=10.0)  # before serving: bodies naming no known realm need the index
-        background.append(asyncio.get_running_loop().create_task(_keep_token_index(store)))
-        try:
-            yield
-        finally:
-            for task in background:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            await recorder.close()
+        async with contextlib.AsyncExitStack() as stack:  # closes what was opened, even if start-up fails
+            client = redis if redis is not None else await _open_redis(settings, stack)
+            await check_durability(client, require=settings.require_durable)
+            keys = Keys(settings.key_prefix)
+            store = ConnectionStore(
+                client,
+                keys,
+                SecretBox(settings.fernet_keys),
+                cache_seconds=settings.connection_cache_seconds,
+                retired_token_days=settings.retired_token_days,
+            )
+            recorder = StreamRecorder(
+                client,
+                keys,
+                dedupe_ttl_seconds=settings.dedupe_ttl_seconds,
+                dead_letter_maxlen=settings.dead_letter_maxlen,
+                min_replicas=settings.min_replicas,
+                replica_timeout_seconds=settings.response_budget_seconds / 2,
+            )
+            stack.push_async_callback(recorder.close)
+            with contextlib.suppress(RedisError):  # Redis may be down at start-up; scripts then load on first use
+                await store.preload()
+                await recorder.preload()
+            await _rebuild_once(store, limit_seconds=10.0)  # bodies naming no known realm need the index
+            handlers.redis = client
+            handlers.ingestor = Ingestor(
+                store, recorder, app_tokens=settings.app_tokens, budget_seconds=settings.response_budget_seconds
+            )
+            handlers.metrics.gauges_from = [("decrypt_failures", store), ("dead_letter_cap_reached", recorder)]
+            stack.callback(setattr, handlers, "ingestor", None)
+            for job in (_write_metrics(handlers), _keep_token_index(store)):
+                stack.push_async_callback(_cancel, asyncio.get_running_loop().create_task(job))
             if handlers.metrics_files is not None:
-                handlers.metrics_files.write(handlers.metrics)
-            handlers.ingestor = None
-            if redis is None:
-                await client.aclose()
-            if embedded is not None:
-                await asyncio.to_thread(embedded.stop)
+                stack.callback(handlers.metrics_files.write, handlers.metrics)
+            yield
 
     async def internal_error(request: Request, exc: Exception) -> Response:
         # Reached only if something escaped a handler; the traceback is logged, never shown.
@@ -131,6 +109,30 @@ class ReceiverApp(Starlette):
             await self._webhook(scope, receive, send)
             return
         await super().__call__(scope, receive, send)
+
+
+async def _open_redis(settings: Settings, stack: contextlib.AsyncExitStack) -> Redis:
+    """A client for ``QBO_REDIS_URL``, or for the embedded Redis started here (both closed by ``stack``)."""
+    url = settings.redis_url
+    if url is None:
+        embedded = EmbeddedRedis(settings.data_dir)
+        url = await asyncio.to_thread(embedded.start)
+        stack.push_async_callback(asyncio.to_thread, embedded.stop)
+        logger.info(
+            "embedded Redis (%s) at %s, data in %s; set QBO_REDIS_URL to use your own Redis",
+            embedded.binary or "already running",
+            embedded.url,
+            embedded.dir,
+        )
+    client = make_redis(url, timeout=settings.response_budget_seconds)
+    stack.push_async_callback(client.aclose)
+    return client
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _write_metrics(handlers: Handlers) -> None:
