@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import urllib.error
@@ -19,7 +20,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from service import __version__, logs
+from service import __version__, cli_keys, cli_sim, logs
 from service.client import make_redis
 from service.connections import ConnectionStore
 from service.crypto import SecretBox
@@ -107,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--follow", action="store_true", help="then wait for new entries")
     tail.add_argument("--dead", action="store_true", help="read the dead-letter stream instead")
     tail.set_defaults(command=cmd_events_tail)
+    cli_sim.register(sub)
+    cli_keys.register(sub)
     return parser
 
 
@@ -130,6 +133,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             url,
             embedded.dir,
         )
+    # uvicorn re-raises SIGTERM once its graceful shutdown is done; the default action would kill this process
+    # before the ``finally`` below, leaving the embedded redis-server running. Exit through it instead.
+    previous = signal.signal(signal.SIGTERM, _exit_after_shutdown)
     try:
         uvicorn.run(
             "service.app:create_app",
@@ -143,9 +149,14 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             timeout_graceful_shutdown=10,
         )
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if embedded is not None:
             embedded.stop()
     return 0
+
+
+def _exit_after_shutdown(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 # -- connections --------------------------------------------------------------------------------------
