@@ -110,12 +110,14 @@ def build_deliveries(
     *,
     seed: int | None = None,
     max_events: int = 5,
+    now: float | None = None,
 ) -> list[Delivery]:
     """``count`` deliveries for the realms given (realm id -> verifier token).
 
     Each body names only realms of one token (Intuit signs per app). ``mixed`` alternates the formats and
     now and then re-sends events of an earlier delivery in the other format, as an app switching formats
-    mid-retry does: those events must still be queued once.
+    mid-retry does: those events must still be queued once. Event times start at ``now`` (default: the
+    current time), so the same ``seed`` and ``now`` build the same bytes.
     """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}")
@@ -127,7 +129,7 @@ def build_deliveries(
     for realm_id, token in realm_tokens.items():
         by_token.setdefault(token, []).append(realm_id)
     groups = sorted(by_token.items())
-    base = time.time()
+    base = time.time() if now is None else now
     deliveries: list[Delivery] = []
     previous: dict[str, list[list[dict[str, Any]]]] = {}  # per token: a re-send is signed by the same app
     serial = 0
