@@ -7,12 +7,15 @@ event sent is in ``qbo:events`` exactly once and no delivery was answered 200 fo
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis as redis_sync
@@ -50,6 +53,8 @@ def durable_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
     server = EmbeddedRedis(tmp_path, port=free_port())
     server.start()
     yield server
+    if server.process is not None:
+        os.kill(server.process.pid, signal.SIGCONT)  # in case a test stopped while Redis was paused
     server.stop()
 
 
@@ -76,7 +81,7 @@ def run_in_thread(simulator: Simulator, deliveries: list[Delivery], deadline: fl
     return result
 
 
-def stream_audit(url: str, report: SimulationReport) -> dict[str, int]:
+def stream_audit(url: str, report: SimulationReport) -> dict[str, Any]:
     with redis_sync.Redis.from_url(url, decode_responses=True) as r:
         ids = [fields["event_id"] for fields in events(r)]
         dead_letters = int(r.xlen("qbo:events:dead"))
@@ -88,6 +93,7 @@ def stream_audit(url: str, report: SimulationReport) -> dict[str, int]:
         "retries": report.retries,
         "acknowledged_200": report.acknowledged,
         "non_200": report.non_200,
+        "answers": dict(sorted(report.statuses.items())),
         "unacknowledged": len(report.unacknowledged),
         "entries": len(ids),
         "duplicates": len(ids) - len(stored),
@@ -108,12 +114,27 @@ def test_nothing_lost_or_doubled_when_redis_and_service_are_killed(
         service.url, concurrency=6, schedule=RetrySchedule(cap=0.5, give_up_after=45.0), on_answer=progress
     )
     outcome = run_in_thread(simulator, deliveries, deadline=45.0)
-    redis_kills = service_kills = 0
+    redis_kills = service_kills = pauses = 0
     try:
-        schedule = ((60, "redis"), (140, "redis"), (220, "service"), (300, "redis"), (380, "service"), (460, "redis"))
+        schedule = (
+            (60, "redis"),
+            (140, "pause"),
+            (200, "redis"),
+            (260, "service"),
+            (330, "redis"),
+            (400, "service"),
+            (470, "redis"),
+        )
         for threshold, victim in schedule:
             progress.wait_for(threshold)
-            if victim == "redis":
+            if victim == "pause":
+                # Redis stalls (SIGSTOP): requests time out with 503 while their writes wait, then run on SIGCONT.
+                assert durable_redis.process is not None
+                os.kill(durable_redis.process.pid, signal.SIGSTOP)
+                time.sleep(3.0)  # longer than the response budget (2 s)
+                os.kill(durable_redis.process.pid, signal.SIGCONT)
+                pauses += 1
+            elif victim == "redis":
                 durable_redis.kill()
                 time.sleep(0.3)  # the service answers 503 meanwhile; the simulator retries
                 durable_redis.start()  # same data directory: the AOF is reloaded
@@ -128,7 +149,8 @@ def test_nothing_lost_or_doubled_when_redis_and_service_are_killed(
         service.kill()
     figures = stream_audit(durable_redis.url, report)
     with capsys.disabled():
-        print(f"\nchaos run (redis kill -9 x{redis_kills}, service kill -9 x{service_kills}): {figures}")
+        kills = f"redis kill -9 x{redis_kills}, redis SIGSTOP x{pauses}, service kill -9 x{service_kills}"
+        print(f"\nchaos run ({kills}): {figures}")
     assert figures["unacknowledged"] == 0, figures
     assert figures["duplicates"] == 0, figures
     assert figures["lost"] == 0, figures
@@ -139,7 +161,7 @@ def test_nothing_lost_or_doubled_when_redis_and_service_are_killed(
     # The chaos did bite: some attempts failed and were retried, and the restarts happened.
     assert figures["non_200"] > 0
     assert figures["retries"] > 0
-    assert (redis_kills, service_kills, service.starts) == (4, 2, 3)
+    assert (redis_kills, pauses, service_kills, service.starts) == (4, 1, 2, 3)
 
 
 def test_sigterm_answers_every_request_in_flight(
