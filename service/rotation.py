@@ -13,10 +13,10 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from service.crypto import SecretBox
-from service.errors import ConfigurationError, DecryptionError
+from service.errors import ConfigurationError, DecryptionError, StorageUnavailable
 from service.keys import Keys
 from service.models import ENCRYPTED_FIELDS
 
@@ -56,6 +56,14 @@ class Rotator:
         self._swap = redis.register_script(resources.files("service").joinpath("lua", "swap_field.lua").read_text())
 
     async def run(self) -> RotationReport:
+        """One pass over every connection and the token index; raises ``StorageUnavailable`` if Redis fails."""
+        try:
+            return await self._run()
+        except RedisError as exc:
+            # What was rotated stays rotated; running again carries on from there.
+            raise StorageUnavailable(f"key rotation interrupted, run it again: {type(exc).__name__}") from None
+
+    async def _run(self) -> RotationReport:
         report = RotationReport()
         async for key in self._redis.scan_iter(self._keys.connection_pattern, 500):
             report.connections += 1

@@ -23,6 +23,7 @@ from service.models import ENCRYPTED_FIELDS, ConnectionMetadata
 from service.rotation import Rotator
 from service.signature import fingerprint
 from tests.helpers import post
+from tests.procs import free_port
 
 OLD, NEW, STRANGER = (Fernet.generate_key().decode() for _ in range(3))
 SECRETS = {
@@ -166,3 +167,15 @@ async def test_keys_rotate_cli_reports_counts_and_the_receiver_works_with_the_ne
     with client_factory(encryption_keys=NEW) as client:
         assert post(client, body, "rot-verifier-1-0").json()["accepted"] == 1
     assert sync_redis.hexists("qbo:verifier-tokens", fingerprint("rot-verifier-1-0"))
+
+
+def test_keys_rotate_without_redis_says_so_in_one_line() -> None:
+    url = f"redis://rotator:SECRET-redis-pw@127.0.0.1:{free_port()}/0"  # nothing listens there
+    result = run_cli("keys", "rotate", QBO_REDIS_URL=url, QBO_ENCRYPTION_KEYS=NEW)
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip().splitlines()[-1]
+        == "qbo-webhooks: key rotation interrupted, run it again: ConnectionError"
+    )
+    assert "Traceback" not in result.stderr
+    assert "SECRET-redis-pw" not in result.stdout + result.stderr
