@@ -122,7 +122,12 @@ def read_answer(sock: socket.socket) -> Answer:
     """Read a whole response (the server closes the connection after it); ``ValueError`` if none came."""
     data = b""
     while True:
-        chunk = sock.recv(65536)
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            # A server that answers before reading the whole request (413, 400) may reset the connection
+            # after its answer when unread bytes remain; the answer already received still counts.
+            break
         if not chunk:
             break
         data += chunk

@@ -221,6 +221,8 @@ def slow_loris(target: Target) -> None:
                 except OSError:
                     break
                 continue
+            except ConnectionResetError:  # closed on a byte we trickled after its answer
+                break
             received += data
             if not data:
                 break
@@ -244,6 +246,27 @@ def slow_loris_headers(target: Target) -> None:
             except OSError:
                 return
     raise AssertionError("a connection sending headers forever is still open after three body timeouts")
+
+
+def malformed_http(target: Target) -> None:
+    """Request smuggling and broken framing are refused by the HTTP parser itself (uvicorn's 400, before the
+    app: the app's never-400 rule is about deliveries that parse as HTTP); nothing reaches Redis."""
+    body = orjson.dumps([ce("111")])
+    signature = sign(TOKEN_A, body)
+    head = f"POST {WEBHOOK} HTTP/1.1\r\nhost: 127.0.0.1\r\nintuit-signature: {signature}\r\n"
+    framings = [
+        f"content-length: {len(body)}\r\ntransfer-encoding: chunked\r\n\r\n",  # CL.TE smuggling
+        f"content-length: {len(body)}\r\ncontent-length: {len(body) + 1}\r\n\r\n",  # two lengths
+        f"content-length: {len(body)}\r\nx-folded: a\r\n folded\r\n\r\n",  # obsolete line folding
+        f"content-length: {len(body)}\r\nx-nul: a\x00b\r\n\r\n",
+        "content-length: -1\r\n\r\n",
+    ]
+    before = target.counts()
+    for framing in framings:
+        with socket.create_connection(("127.0.0.1", target.port), timeout=10) as sock:
+            sock.sendall((head + framing).encode("latin-1") + body)
+            assert read_answer(sock).status == 400
+    assert target.counts() == before
 
 
 def many_headers(target: Target) -> None:
@@ -276,7 +299,7 @@ ATTACKS: list[Any] = [
     pytest.param(_variant(lambda s, b: s[:20] + " " + s[20:]), id="signature-inner-space"),
     pytest.param(_variant(lambda s, b: s[:20] + "\t" + s[21:]), id="signature-inner-tab"),
     pytest.param(_variant(lambda s, b: s.lower()), id="signature-lower-cased"),
-    pytest.param(_variant(lambda s, b: s[:-2] + "A="), id="signature-last-char-changed"),
+    pytest.param(_variant(lambda s, b: s[:-2] + ("E=" if s[-2] == "A" else "A=")), id="signature-last-char-changed"),
     pytest.param(_variant(lambda s, b: base64.b64encode(digest(TOKEN_A, b) + b"\0").decode()), id="signature-33-bytes"),
     pytest.param(whitespace_around_is_the_same_value, id="signature-whitespace-around"),
     pytest.param(signature_sent_twice, id="signature-sent-twice"),
@@ -295,6 +318,7 @@ ATTACKS: list[Any] = [
             "run behind the TLS proxy with a header timeout (nginx client_header_timeout), see the README.",
         ),
     ),
+    pytest.param(malformed_http, id="malformed-http-framing"),
     pytest.param(many_headers, id="many-headers"),
     pytest.param(huge_header_value, id="huge-header-value"),
 ]

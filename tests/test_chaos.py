@@ -111,7 +111,11 @@ def test_nothing_lost_or_doubled_when_redis_and_service_are_killed(
     deliveries = build_deliveries(realm_tokens, 600, "mixed", seed=20261203)
     progress = Progress()
     simulator = Simulator(
-        service.url, concurrency=6, schedule=RetrySchedule(cap=0.5, give_up_after=45.0), on_answer=progress
+        service.url,
+        concurrency=6,
+        schedule=RetrySchedule(cap=0.5, give_up_after=45.0),
+        request_timeout=15.0,  # a loaded 2-core machine must not turn a slow answer into "no answer"
+        on_answer=progress,
     )
     outcome = run_in_thread(simulator, deliveries, deadline=45.0)
     redis_kills = service_kills = pauses = 0
@@ -172,7 +176,11 @@ def test_sigterm_answers_every_request_in_flight(
     load = build_deliveries(realm_tokens, 200, "mixed", seed=2)
     progress = Progress()
     simulator = Simulator(
-        service.url, concurrency=4, schedule=RetrySchedule(cap=0.3, give_up_after=40.0), on_answer=progress
+        service.url,
+        concurrency=4,
+        schedule=RetrySchedule(cap=0.3, give_up_after=40.0),
+        request_timeout=15.0,
+        on_answer=progress,
     )
     # Requests the server has started on: headers and half the body sent, the rest withheld until after SIGTERM.
     sockets = []

@@ -114,9 +114,9 @@ def test_debug_sleep_gets_503_within_the_budget(tmp_path: Path) -> None:
         admin = redis_sync.Redis.from_url(url, decode_responses=True)
         register(admin, "123", TOKEN)
         with app_client(url) as client:
-            sleeper = threading.Thread(target=admin.execute_command, args=("DEBUG", "SLEEP", "2"))
+            sleeper = threading.Thread(target=admin.execute_command, args=("DEBUG", "SLEEP", "3"))
             sleeper.start()
-            time.sleep(0.1)  # the server is now asleep
+            wait_until_asleep(url)
             response, seconds = timed(lambda: post(client, body(1), TOKEN))
             sleeper.join()
             assert response.status_code == 503
@@ -125,6 +125,18 @@ def test_debug_sleep_gets_503_within_the_budget(tmp_path: Path) -> None:
         admin.close()
     finally:
         server.stop()
+
+
+def wait_until_asleep(url: str) -> None:
+    """Return once a PING goes unanswered (bounded: at most about 2 s)."""
+    with redis_sync.Redis.from_url(url, socket_timeout=0.1) as probe:
+        for _ in range(40):
+            try:
+                probe.ping()
+            except redis_sync.TimeoutError:
+                return
+            time.sleep(0.05)
+    raise AssertionError("DEBUG SLEEP did not take effect")
 
 
 def test_service_reconnects_after_redis_restarts(own_redis: EmbeddedRedis) -> None:
