@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
-from service import __version__, logs
+from service import __version__, cli_keys, cli_sim, logs
 from service.client import make_redis
 from service.connections import ConnectionStore
 from service.crypto import SecretBox
@@ -50,6 +51,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except QBOError as exc:
         print(f"qbo-webhooks: {exc}", file=sys.stderr)
         code = 2
+    except RedisError as exc:  # no secret in it: redis-py's messages name the address, never the password
+        print(f"qbo-webhooks: Redis is unavailable: {type(exc).__name__}: {exc}", file=sys.stderr)
+        code = 3
     except KeyboardInterrupt:
         code = 130
     sys.exit(int(code or 0))
@@ -114,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     from service import cli_ops  # here, not at the top: cli_ops imports this module's helpers
 
     cli_ops.register(sub)
+    cli_sim.register(sub)
+    cli_keys.register(sub)
     return parser
 
 

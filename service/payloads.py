@@ -82,6 +82,15 @@ def parse_body(body: bytes) -> ParsedBody:
     except orjson.JSONDecodeError as exc:
         # Not JSON, not UTF-8, or JSON orjson refuses (numbers beyond a double, lone surrogates, depth > 1024).
         return ParsedBody(None, detail=f"not JSON: {str(exc)[:80]}")
+    try:
+        return _parse_document(document)
+    except orjson.JSONEncodeError:
+        # orjson reads 1024 levels of nesting but writes only 255: such an element cannot be re-serialised
+        # into a payload field, so the body is kept whole instead.
+        return ParsedBody(None, detail="JSON nested too deep to store an element")
+
+
+def _parse_document(document: object) -> ParsedBody:
     if isinstance(document, list):
         return ParsedBody(CLOUDEVENTS, tuple(_cloudevent(element) for element in document))
     if isinstance(document, dict):

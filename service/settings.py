@@ -18,15 +18,16 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="QBO_", extra="ignore", frozen=True)
 
-    redis_url: str | None = Field(default=None, description="Redis URL; unset starts the embedded Redis")
+    # repr=False: a URL may carry a password, and keys and tokens are secrets (SPEC §5.1).
+    redis_url: str | None = Field(default=None, repr=False, description="Redis URL; unset: the embedded Redis")
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     webhook_path: str = "/webhooks/quickbooks"
     key_prefix: str = Field(default="qbo", min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
     max_body_bytes: int = Field(default=5 * 1024 * 1024, ge=1024)
     dedupe_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=60)
-    app_verifier_tokens: str = ""
-    encryption_keys: str = ""
+    app_verifier_tokens: str = Field(default="", repr=False)
+    encryption_keys: str = Field(default="", repr=False)
     response_budget_seconds: float = Field(default=2.0, gt=0, le=30)
     body_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
     connection_cache_seconds: float = Field(default=10.0, ge=0, le=3600)
