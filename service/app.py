@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 from redis.asyncio import Redis
@@ -57,7 +57,7 @@ def create_app(settings: Settings | None = None, *, redis: Redis | None = None) 
                 min_replicas=settings.min_replicas,
                 replica_timeout_seconds=settings.response_budget_seconds / 2,
             )
-            stack.push_async_callback(recorder.close)
+            stack.push_async_callback(_bounded, recorder.close(), "waiting for queued writes")
             with contextlib.suppress(RedisError):  # Redis may be down at start-up; scripts then load on first use
                 await store.preload()
                 await recorder.preload()
@@ -68,7 +68,7 @@ def create_app(settings: Settings | None = None, *, redis: Redis | None = None) 
             )
             handlers.metrics.gauges_from = [("decrypt_failures", store), ("dead_letter_cap_reached", recorder)]
             stack.callback(setattr, handlers, "ingestor", None)
-            for job in (_write_metrics(handlers), _keep_token_index(store)):
+            for job in (_write_metrics(handlers), _keep_token_index(store), store.follow_changes()):
                 stack.push_async_callback(_cancel, asyncio.get_running_loop().create_task(job))
             if handlers.metrics_files is not None:
                 stack.callback(handlers.metrics_files.write, handlers.metrics)
@@ -117,7 +117,7 @@ async def _open_redis(settings: Settings, stack: contextlib.AsyncExitStack) -> R
     if url is None:
         embedded = EmbeddedRedis(settings.data_dir)
         url = await asyncio.to_thread(embedded.start)
-        stack.push_async_callback(asyncio.to_thread, embedded.stop)
+        stack.push_async_callback(asyncio.to_thread, embedded.release)
         logger.info(
             "embedded Redis (%s) at %s, data in %s; set QBO_REDIS_URL to use your own Redis",
             embedded.binary or "already running",
@@ -125,14 +125,24 @@ async def _open_redis(settings: Settings, stack: contextlib.AsyncExitStack) -> R
             embedded.dir,
         )
     client = make_redis(url, timeout=settings.response_budget_seconds)
-    stack.push_async_callback(client.aclose)
+    stack.push_async_callback(_bounded, client.aclose(), "closing the Redis client")
     return client
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await _bounded(asyncio.gather(task, return_exceptions=True), f"stopping {task.get_coro()!r}")
+
+
+SHUTDOWN_STEP_SECONDS = 5.0
+
+
+async def _bounded(step: Awaitable[object], what: str) -> None:
+    """One shutdown step, given up (and logged) after a few seconds: shutdown must finish."""
+    try:
+        await asyncio.wait_for(step, SHUTDOWN_STEP_SECONDS)
+    except TimeoutError:
+        logger.error("shutdown: gave up %s after %.0f s", what, SHUTDOWN_STEP_SECONDS)
 
 
 async def _write_metrics(handlers: Handlers) -> None:

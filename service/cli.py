@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -23,7 +24,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from service import __version__, cli_keys, cli_sim, logs
-from service.client import make_redis
+from service.client import check_durability, make_redis
 from service.connections import ConnectionStore
 from service.crypto import SecretBox
 from service.embedded import EmbeddedRedis
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve the webhook endpoint (embedded Redis when QBO_REDIS_URL is unset)")
     serve.add_argument("--host", help="bind address (default QBO_HOST, 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default QBO_PORT, 8000)")
-    serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    serve.add_argument("--workers", type=positive_int, default=1, help="worker processes (default 1)")
     serve.set_defaults(command=cmd_serve)
 
     conns = sub.add_parser("connections", help="register, show, list and delete realm connections")
@@ -110,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev_sub = events.add_subparsers(required=True, metavar="ACTION")
     tail = ev_sub.add_parser("tail", help="print entries as JSON lines")
     tail.add_argument("--from-start", action="store_true", help="from the oldest entry instead of the newest")
-    tail.add_argument("--count", type=int, default=10, help="how many entries (default 10)")
+    tail.add_argument("--count", type=positive_int, default=10, help="how many entries (default 10)")
     tail.add_argument("--follow", action="store_true", help="then wait for new entries")
     tail.add_argument("--dead", action="store_true", help="read the dead-letter stream instead")
     tail.set_defaults(command=cmd_events_tail)
@@ -123,6 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 # -- serve --------------------------------------------------------------------------------------------
 
 
@@ -132,9 +144,14 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     host = args.host or settings.host
     port = settings.port if args.port is None else args.port
     embedded: EmbeddedRedis | None = None
+    supervisor: threading.Thread | None = None
+    stopping = threading.Event()
     if settings.redis_url is None:
         embedded = EmbeddedRedis(settings.data_dir)
         url = embedded.start()
+        # Other processes may share this Redis (CLI commands, consumers): if one stops it, start it again.
+        supervisor = threading.Thread(target=_supervise, args=(embedded, stopping), daemon=True)
+        supervisor.start()
         # Workers read the same settings from the environment, so they all share this Redis.
         os.environ["QBO_REDIS_URL"] = url
         logger.info(
@@ -153,6 +170,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     # SIGTERM action the process would die right there and leave the embedded Redis running.
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
+        if settings.require_durable:  # refuse here with one line, rather than in every worker with a traceback
+            asyncio.run(_require_durable(os.environ.get("QBO_REDIS_URL") or settings.redis_url or "", settings))
         uvicorn.run(
             "service.app:create_app",
             factory=True,
@@ -165,12 +184,31 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             timeout_graceful_shutdown=10,
         )
     finally:
+        stopping.set()
+        if supervisor is not None:
+            supervisor.join(5)
         signal.signal(signal.SIGTERM, previous)
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
         if embedded is not None:
-            embedded.stop()
+            embedded.release()
     return 0
+
+
+async def _require_durable(url: str, settings: Settings) -> None:
+    client = make_redis(url, timeout=max(settings.response_budget_seconds, 5.0))
+    try:
+        await check_durability(client, require=True)
+    finally:
+        await client.aclose()
+
+
+def _supervise(embedded: EmbeddedRedis, stopping: threading.Event) -> None:
+    while not stopping.wait(1.0):
+        try:
+            embedded.supervise()
+        except (OSError, RuntimeError) as exc:
+            logger.error("cannot restart the embedded Redis: %s", exc)
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
@@ -194,7 +232,7 @@ async def _redis(settings: Settings) -> AsyncIterator[Redis]:
     finally:
         await client.aclose()
         if embedded is not None:
-            await asyncio.to_thread(embedded.stop)
+            await asyncio.to_thread(embedded.release)
 
 
 def _store(redis: Redis, settings: Settings) -> ConnectionStore:
@@ -350,7 +388,8 @@ async def cmd_events_tail(args: argparse.Namespace, settings: Settings) -> int:
             _print_json({"id": entry_id, **fields}, indent=None)
         while args.follow:
             replies: list[tuple[str, list[tuple[str, dict[str, str]]]]]
-            replies = await redis.xread({stream: last}, block=5000, count=100)  # type: ignore[assignment]
+            # Block well under the client's socket timeout: an idle stream is not a broken connection.
+            replies = await redis.xread({stream: last}, block=1000, count=100)  # type: ignore[assignment]
             for _, batch in replies:
                 for entry_id, fields in batch:
                     _print_json({"id": entry_id, **fields}, indent=None)

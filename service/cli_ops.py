@@ -1,4 +1,4 @@
-"""Operator commands of ``qbo-webhooks``: consume, dead-letters list|replay|purge, stats, stream trim."""
+"""Operator commands of ``qbo-webhooks``: consume, dead-letters list|replay|purge, stats, stream trim|delete-group."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from service.cli import _print_json, _redis, _store
+from service.cli import _print_json, _redis, _store, positive_int
 from service.consumer import Consumer, Handler
 from service.deadletters import DeadLetters
 from service.keys import Keys
@@ -32,8 +32,8 @@ def register(sub: Any) -> None:
     consume.add_argument("--group", required=True, help="consumer group name")
     consume.add_argument("--handler", required=True, metavar="MODULE:FUNCTION", help="called with each StreamEvent")
     consume.add_argument("--consumer", help="this worker's consumer name (default: <host>-<pid>)")
-    consume.add_argument("--concurrency", type=_positive_int, default=1, help="handlers running at once (default 1)")
-    consume.add_argument("--max-deliveries", type=_positive_int, default=5, help="then dead-letter (default 5)")
+    consume.add_argument("--concurrency", type=positive_int, default=1, help="handlers running at once (default 1)")
+    consume.add_argument("--max-deliveries", type=positive_int, default=5, help="then dead-letter (default 5)")
     consume.add_argument("--claim-idle", type=_positive_float, default=60.0, help="reclaim after S idle seconds")
     consume.add_argument("--drain-timeout", type=_positive_float, default=30.0, help="on SIGTERM/SIGINT (default 30)")
     consume.add_argument("--from-end", action="store_true", help="a new group starts at the end, not the start")
@@ -43,7 +43,7 @@ def register(sub: Any) -> None:
     dead_sub = dead.add_subparsers(required=True, metavar="ACTION")
     listing = dead_sub.add_parser("list", help="print letters as JSON lines, oldest first")
     listing.add_argument("--reason", choices=REASONS)
-    listing.add_argument("--count", type=_positive_int, help="at most N letters")
+    listing.add_argument("--count", type=positive_int, help="at most N letters")
     listing.set_defaults(command=cmd_dead_letters_list)
     replay = dead_sub.add_parser("replay", help="move letters back into the events stream (SPEC 5.4 rules)")
     replay.add_argument("--reason", choices=REASONS, help="default: every replayable letter")
@@ -59,6 +59,10 @@ def register(sub: Any) -> None:
     stream_sub = stream.add_subparsers(required=True, metavar="ACTION")
     trim = stream_sub.add_parser("trim", help="remove the entries every consumer group has acknowledged")
     trim.set_defaults(command=cmd_stream_trim)
+    drop = stream_sub.add_parser("delete-group", help="remove a consumer group that is no longer used")
+    drop.add_argument("group")
+    drop.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    drop.set_defaults(command=cmd_stream_delete_group)
 
 
 # -- consume ------------------------------------------------------------------------------------------
@@ -197,11 +201,19 @@ async def cmd_stream_trim(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be >= 1")
-    return value
+async def cmd_stream_delete_group(args: argparse.Namespace, settings: Settings) -> int:
+    if not args.yes and not _confirm(
+        f"Delete consumer group {args.group!r}? Its consumers lose their place and pending entries. [y/N] "
+    ):
+        print("nothing deleted")
+        return 1
+    async with _redis(settings) as redis:
+        existed = await StreamAdmin(redis, Keys(settings.key_prefix)).delete_group(args.group)
+    if not existed:
+        print(f"qbo-webhooks: no consumer group {args.group!r}", file=sys.stderr)
+        return 1
+    print(f"deleted consumer group {args.group!r}; `stream trim` no longer waits for it")
+    return 0
 
 
 def _positive_float(text: str) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -204,7 +205,7 @@ class ConnectionStore:
             await self.note_token(token)
         if current and current.webhook_verifier_token and current.webhook_verifier_token != token:
             await self.note_token(current.webhook_verifier_token)  # the replaced token is now retiring
-        self.forget(metadata.realm_id)
+        await self._announce(metadata.realm_id)
         return ConnectionMetadata.from_mapping(dict(merged))
 
     async def delete(self, realm_id: str) -> bool:
@@ -216,8 +217,28 @@ class ConnectionStore:
             raise StorageUnavailable(f"deleting the connection failed: {type(exc).__name__}") from exc
         if current and current.webhook_verifier_token:
             await self.note_token(current.webhook_verifier_token)
-        self.forget(realm_id)
+        await self._announce(realm_id)
         return bool(removed)
+
+    async def _announce(self, realm_id: str) -> None:
+        """Tell running services to drop their cached copy now, not at the end of the cache time."""
+        self.forget(realm_id)
+        await self._redis.publish(self._keys.connection_changes, realm_id)
+
+    async def follow_changes(self) -> None:
+        """Forget cached routes as ``put``/``delete`` announce changes (runs until cancelled; reconnects)."""
+        while True:
+            try:
+                async with self._redis.pubsub() as pubsub:
+                    await pubsub.subscribe(self._keys.connection_changes)
+                    self.forget()  # whatever changed while nobody was listening
+                    while True:
+                        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                        if message is not None and message.get("type") == "message":
+                            self.forget(str(message["data"]))
+            except (RedisError, OSError) as exc:
+                logger.debug("connection-change subscription lost (%s); retrying", type(exc).__name__)
+                await asyncio.sleep(1.0)
 
     async def realm_ids(self) -> list[str]:
         """Every registered realm id, sorted."""

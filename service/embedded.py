@@ -10,6 +10,7 @@ import hashlib
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -41,7 +42,14 @@ def find_redis_server() -> str:
 
 
 class EmbeddedRedis:
-    """A redis-server process owned by this object; ``start`` reuses one already answering on the socket."""
+    """A redis-server on a unix socket under ``data_dir`` (or, for tests, on a TCP port).
+
+    On the socket it is shared: the service, its workers and CLI commands run from the same directory all
+    use it. ``start`` reuses a server that already answers; the process that started it is its owner
+    (``owner.pid``), and an owner that died (``kill -9``) is replaced by the next process that starts.
+    ``release`` stops the server only when no other client is connected; otherwise it leaves it to its
+    other users (ownerless, so the next ``start`` or ``supervise`` adopts it).
+    """
 
     def __init__(
         self,
@@ -60,7 +68,6 @@ class EmbeddedRedis:
             digest = hashlib.sha256(str(self.dir).encode()).hexdigest()[:12]
             socket_path = Path(tempfile.gettempdir()) / f"qbo-redis-{digest}.sock"
         self.socket = socket_path
-        self.process: subprocess.Popen[bytes] | None = None
         self.binary = ""
 
     @property
@@ -72,15 +79,37 @@ class EmbeddedRedis:
 
     @property
     def owned(self) -> bool:
-        return self.process is not None
+        return self._owner() == os.getpid()
+
+    @property
+    def _pid_file(self) -> Path:
+        return self.dir / "redis.pid"
+
+    @property
+    def pid(self) -> int | None:
+        """The server's process id (from its pid file), if it wrote one."""
+        return self._pid()
+
+    def _pid(self) -> int | None:
+        try:
+            return int(self._pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    @property
+    def _owner_file(self) -> Path:
+        return self.dir / "owner.pid"
 
     def start(self, timeout: float = 15.0) -> str:
         """Start redis-server (or reuse a running one on the same socket) and return its URL."""
-        if self.process is None and self.port is None and self._answers():
-            logger.info("using the embedded Redis already running at %s", self.url)
+        if self.port is None and self._answers():
+            if not _alive(self._owner()):
+                self._owner_file.write_text(str(os.getpid()))  # its owner is gone: adopt it
+            logger.debug("using the embedded Redis already running at %s", self.url)
             return self.url
         self.dir.mkdir(parents=True, exist_ok=True)
         self.binary = find_redis_server()
+        log = self.dir / "redis.log"
         config = {
             "port": str(self.port or 0),
             "bind": "127.0.0.1",
@@ -89,8 +118,11 @@ class EmbeddedRedis:
             "dir": str(self.dir),
             "appendfilename": "appendonly.aof",
             "save": "",
-            "daemonize": "no",
-            "logfile": str(self.dir / "redis.log"),
+            # Detached from whoever starts it, so it can outlive that process while others still use it
+            # (see release); it is found again through its socket and its pid file.
+            "daemonize": "yes",
+            "pidfile": str(self._pid_file),
+            "logfile": str(log),
             **DURABLE_CONFIG,
             **self.extra_config,
         }
@@ -98,72 +130,124 @@ class EmbeddedRedis:
             config["requirepass"] = self.password
         conf = self.dir / "redis.conf"
         conf.write_text("".join(f"{k} {_quote(v)}\n" for k, v in config.items()), encoding="utf-8")
-        # A session of its own: a Ctrl-C meant for the service must not stop Redis while the service drains.
-        self.process = subprocess.Popen(
-            [self.binary, str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
-        )
+        self._pid_file.unlink(missing_ok=True)
+        launcher = subprocess.run([self.binary, str(conf)], capture_output=True, timeout=timeout, check=False)
         deadline = time.monotonic() + timeout
         while not self._answers():
-            if self.process.poll() is not None:
-                err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
-                log = (
-                    (self.dir / "redis.log").read_text(errors="replace")[-2000:]
-                    if (self.dir / "redis.log").exists()
-                    else ""
-                )
-                self.process = None
-                raise RuntimeError(f"redis-server exited at start-up: {err or log}")
+            pid = self._pid()
+            if launcher.returncode != 0 or (pid is not None and not _alive(pid)):
+                tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+                raise RuntimeError(f"redis-server exited at start-up: {launcher.stderr.decode(errors='replace')}{tail}")
             if time.monotonic() > deadline:
-                self.stop()
+                self.kill()
                 raise RuntimeError(f"redis-server did not answer within {timeout:.0f} s")
             time.sleep(0.02)
+        if self.port is None:
+            self._owner_file.write_text(str(os.getpid()))
         return self.url
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop the server if this object started it (SIGTERM: Redis flushes the AOF and exits)."""
-        process, self.process = self.process, None
-        if process is None:
+    def supervise(self) -> None:
+        """One check by a long-running user (the service): restart the server if it is gone, adopt it if
+        its owner is gone. Data survive in the append-only file."""
+        if not self._answers():
+            logger.warning("the embedded Redis at %s stopped; starting it again", self.url)
+            self.start()
+        elif not _alive(self._owner()):
+            self._owner_file.write_text(str(os.getpid()))
+
+    def release(self, timeout: float = 10.0) -> None:
+        """Done with the shared server: stop it if this process owns it (or nobody does) and no other
+        client is connected; else leave it running for the others."""
+        if self.port is not None:
+            self.stop(timeout)
             return
-        process.terminate()
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        if process.stderr:
-            process.stderr.close()
+        owner = self._owner()
+        if owner != os.getpid() and _alive(owner):
+            return  # someone else's
+        if self._answers() and self._other_clients() > 0:
+            if owner == os.getpid():
+                self._owner_file.unlink(missing_ok=True)  # still in use: the next process to start adopts it
+            logger.info("the embedded Redis is still in use by other clients; leaving it running")
+            return
+        self.stop(timeout)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Shut the server down (Redis flushes the append-only file first), whoever started it."""
+        pid = self._pid()
+        self._command(b"SHUTDOWN\r\n")
+        deadline = time.monotonic() + timeout
+        while (self._answers() or _alive(pid)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if _alive(pid):
+            self.kill()
+        if self.port is None:
+            self._owner_file.unlink(missing_ok=True)
 
     def kill(self) -> None:
         """SIGKILL, as a crash would (tests)."""
-        process, self.process = self.process, None
-        if process is not None:
-            process.kill()
-            process.wait()
-            if process.stderr:
-                process.stderr.close()
+        pid = self._pid()
+        if pid is None or not _alive(pid):
+            return
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def _answers(self) -> bool:
+        return self._command(b"PING\r\n").startswith(b"+PONG")
+
+    def _other_clients(self) -> int:
+        reply = self._command(b"INFO clients\r\n", 4096)
+        for line in reply.decode(errors="replace").splitlines():
+            if line.startswith("connected_clients:"):
+                return max(0, int(line.split(":", 1)[1]) - 1)  # not counting this connection
+        return 0
+
+    def _command(self, command: bytes, size: int = 64) -> bytes:
+        """One inline command over a fresh connection; b"" when the server does not answer."""
         try:
             if self.port:
                 sock = socket.create_connection(("127.0.0.1", self.port), timeout=0.5)
             else:
                 if not self.socket.exists():
-                    return False
+                    return b""
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 sock.settimeout(0.5)
-                sock.connect(str(self.socket))
+                try:
+                    sock.connect(str(self.socket))
+                except OSError:
+                    sock.close()
+                    raise
         except OSError:
-            return False
+            return b""
         with contextlib.closing(sock):
             try:
                 if self.password:
                     sock.sendall(f"AUTH {self.password}\r\n".encode())
                     if not sock.recv(64).startswith(b"+OK"):
-                        return False
-                sock.sendall(b"PING\r\n")
-                return sock.recv(64).startswith(b"+PONG")
+                        return b""
+                sock.sendall(command)
+                return sock.recv(size)
             except OSError:
-                return False
+                return b""
+
+    def _owner(self) -> int | None:
+        try:
+            return int(self._owner_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _quote(value: str) -> str:

@@ -22,6 +22,11 @@ class Keys:
         return f"{self.prefix}:verifier-tokens"
 
     @property
+    def connection_changes(self) -> str:
+        """Pub/sub channel: a realm id whenever our CLI writes or deletes its connection."""
+        return f"{self.prefix}:connection-changes"
+
+    @property
     def connection_pattern(self) -> str:
         return f"{self.prefix}:connection:*"
 

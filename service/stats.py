@@ -8,6 +8,7 @@ from importlib import resources
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from service.deadletters import DeadLetters
 from service.keys import Keys
@@ -84,6 +85,15 @@ class StreamAdmin:
         """Remove the entries every group has acknowledged; nothing when the stream has no group (one Lua call)."""
         removed, min_id = await self._trim(keys=[self._keys.events])
         return TrimResult(int(removed), str(min_id))
+
+    async def delete_group(self, group: str) -> bool:
+        """Remove a consumer group (its pending entries stop blocking ``trim``); True if it existed."""
+        try:
+            return bool(await self._redis.xgroup_destroy(self._keys.events, group))
+        except ResponseError as exc:
+            if "no such key" in str(exc).lower():  # no stream, so no group either
+                return False
+            raise
 
 
 def _age(entry_id: str, now_ms: int) -> float:

@@ -53,8 +53,8 @@ def durable_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
     server = EmbeddedRedis(tmp_path, port=free_port())
     server.start()
     yield server
-    if server.process is not None:
-        os.kill(server.process.pid, signal.SIGCONT)  # in case a test stopped while Redis was paused
+    if server.pid is not None:
+        os.kill(server.pid, signal.SIGCONT)  # in case a test stopped while Redis was paused
     server.stop()
 
 
@@ -133,10 +133,10 @@ def test_nothing_lost_or_doubled_when_redis_and_service_are_killed(
             progress.wait_for(threshold)
             if victim == "pause":
                 # Redis stalls (SIGSTOP): requests time out with 503 while their writes wait, then run on SIGCONT.
-                assert durable_redis.process is not None
-                os.kill(durable_redis.process.pid, signal.SIGSTOP)
+                assert durable_redis.pid is not None
+                os.kill(durable_redis.pid, signal.SIGSTOP)
                 time.sleep(3.0)  # longer than the response budget (2 s)
-                os.kill(durable_redis.process.pid, signal.SIGCONT)
+                os.kill(durable_redis.pid, signal.SIGCONT)
                 pauses += 1
             elif victim == "redis":
                 durable_redis.kill()

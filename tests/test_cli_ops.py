@@ -133,3 +133,22 @@ def test_load_handler_resolves_module_and_attribute() -> None:
     from tests.consume_handlers import handler
 
     assert load_handler("tests.consume_handlers:handler") is handler
+
+
+def test_stream_delete_group_unblocks_trim(
+    sync_redis: redis_sync.Redis, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for n in range(3):
+        sync_redis.xadd(EVENTS, {"v": "1", "n": str(n)})
+    sync_redis.xgroup_create(EVENTS, "abandoned", id="0")
+    sync_redis.xgroup_create(EVENTS, "current", id="$")
+    monkeypatch.setattr("sys.stdin", io.StringIO("n\n"))
+    assert run_cli("stream", "delete-group", "abandoned") == 1
+    assert run_cli("stream", "trim") == 0
+    assert "removed 0" in capsys.readouterr().out
+    assert run_cli("stream", "delete-group", "abandoned", "--yes") == 0
+    assert run_cli("stream", "trim") == 0
+    assert "removed 3" in capsys.readouterr().out
+    assert sync_redis.xlen(EVENTS) == 0
+    assert run_cli("stream", "delete-group", "abandoned", "--yes") == 1
+    assert "no consumer group" in capsys.readouterr().err

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,3 +89,14 @@ def test_min_replicas_waits_for_a_replica_else_503(tmp_path: Path) -> None:
     finally:
         replica.stop()
         primary.stop()
+
+
+def test_serve_refuses_in_one_line(lax_redis: EmbeddedRedis) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QBO_") or k == "QBO_REDIS_SERVER"}
+    env.update(QBO_REDIS_URL=lax_redis.url, QBO_REQUIRE_DURABLE="true", QBO_PORT=str(free_port()))
+    done = subprocess.run([sys.executable, "-m", "service", "serve"], env=env, capture_output=True, text=True,
+                          timeout=60, check=False)  # fmt: skip
+    assert done.returncode == 2
+    assert "QBO_REQUIRE_DURABLE" in done.stderr
+    assert "appendfsync" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import redis as redis_sync
 
+from service.embedded import EmbeddedRedis
 from tests.helpers import FIXTURES, REAL_TOKEN, entries
 from tests.test_redis_outage import free_port
 
@@ -159,3 +160,28 @@ def test_serve_without_redis_url_runs_and_stops_the_embedded_redis(tmp_path: Pat
     with pytest.raises(redis_sync.ConnectionError):
         probe.ping()
     probe.close()
+
+
+def test_the_service_keeps_its_embedded_redis_alive(tmp_path: Path) -> None:
+    """A CLI command that started the embedded Redis ends, or Redis dies: the service carries on."""
+    port = free_port()
+    env = base_env(QBO_DATA_DIR=str(tmp_path / "data"))
+    first_user = EmbeddedRedis(tmp_path / "data")
+    first_user.start()  # like `qbo-webhooks consume` started before `make run`
+    with serving(env, port):
+        assert cli("connections", "put", "555", "--verifier-token", "tok", env=env).returncode == 0
+        first_user.release()  # the service is still connected: Redis must stay up
+        url = f"http://127.0.0.1:{port}/webhooks/quickbooks"
+        sent = cli("send-test", "--url", url, "--token", "tok", "--realm-id", "555", env=env)
+        assert sent.stdout.startswith("200 "), sent.stdout + sent.stderr
+        first_user.kill()  # Redis dies outright: the service starts it again from its append-only file
+        deadline = time.monotonic() + 20
+        while True:
+            sent = cli("send-test", "--url", url, "--token", "tok", "--realm-id", "555", "--entity-id", "2", env=env)
+            if sent.stdout.startswith("200 "):
+                break
+            assert time.monotonic() < deadline, sent.stdout + sent.stderr
+            time.sleep(0.5)
+        tail = cli("events", "tail", "--from-start", env=env)
+        assert len(tail.stdout.splitlines()) == 2
+    assert not first_user._answers()  # and the service stopped it when it exited

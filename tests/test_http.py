@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -427,3 +428,34 @@ def test_large_forged_bodies_cannot_buy_unbounded_hashing(
     assert busy < 0.5  # no thread is still hashing the body after the answer (all of it takes seconds)
     assert sync_redis.xlen("qbo:events") == 0
     assert sync_redis.xlen("qbo:events:dead") == 0
+
+
+async def _delete_connection(redis_url: str, realm_id: str) -> None:
+    from redis.asyncio import Redis
+
+    from service.connections import ConnectionStore
+    from service.crypto import SecretBox
+    from service.keys import Keys
+
+    client = Redis.from_url(redis_url, decode_responses=True)
+    await ConnectionStore(client, Keys(), SecretBox()).delete(realm_id)
+    await client.aclose()
+
+
+def test_a_connection_deleted_with_the_cli_stops_verifying_at_once(
+    client: TestClient, sync_redis: redis_sync.Redis, redis_url: str
+) -> None:
+    register(sync_redis, "123", "tok")
+    assert post(client, ce_body("123", "1"), "tok").json()["accepted"] == 1  # now cached for 10 s
+    time.sleep(0.3)  # the service's subscription is up by now (it subscribes at start-up)
+    asyncio.run(_delete_connection(redis_url, "123"))
+    deadline = time.monotonic() + 2  # the announcement is asynchronous; well under the 10 s cache time
+    while True:
+        outcome = post(client, ce_body("123", "2"), "tok").json()
+        if outcome["accepted"] == 0:
+            break
+        assert time.monotonic() < deadline, "the deleted connection still verified"
+        sync_redis.delete("qbo:seen:" + events(sync_redis)[-1]["event_id"])
+        sync_redis.xtrim("qbo:events", maxlen=1)
+    assert outcome == {"accepted": 0, "duplicates": 0, "dead_lettered": 1}
+    assert dead_letters(sync_redis)[-1]["reason"] == "unknown_realm"

@@ -60,8 +60,8 @@ def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
     with redis_sync.Redis.from_url(server.url, decode_responses=True) as r:
         register(r, "123", TOKEN)
     yield server
-    if server.process is not None:
-        os.kill(server.process.pid, signal.SIGCONT)
+    if server.pid is not None:
+        os.kill(server.pid, signal.SIGCONT)
     server.stop()
 
 
@@ -84,11 +84,11 @@ def _redis_major() -> int:
 @pytest.mark.parametrize("cache", ["cold", "warm", "unknown-realm"])
 def test_stopped_redis_gets_503_within_the_budget(own_redis: EmbeddedRedis, cache: str) -> None:
     """SIGSTOP: connections are accepted but nothing answers, the worst case for a client without timeouts."""
-    assert own_redis.process is not None
+    assert own_redis.pid is not None
     with app_client(own_redis.url) as client:
         if cache == "warm":
             assert post(client, body(1), TOKEN).status_code == 200
-        os.kill(own_redis.process.pid, signal.SIGSTOP)
+        os.kill(own_redis.pid, signal.SIGSTOP)
         try:
             realm_body = body(2) if cache != "unknown-realm" else body(2).replace(b'"123"', b'"999"')
             response, seconds = timed(lambda: post(client, realm_body, TOKEN))
@@ -99,7 +99,7 @@ def test_stopped_redis_gets_503_within_the_budget(own_redis: EmbeddedRedis, cach
             assert ready.status_code == 503
             assert seconds < HANG
         finally:
-            os.kill(own_redis.process.pid, signal.SIGCONT)
+            os.kill(own_redis.pid, signal.SIGCONT)
         # Redis is back: the same client recovers without a restart.
         assert post(client, body(3), TOKEN).status_code == 200
         assert client.get("/readyz").status_code == 200

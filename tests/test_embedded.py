@@ -1,0 +1,70 @@
+"""The embedded Redis shared by the service and CLI commands run from the same directory (SPEC §7)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import redis as redis_sync
+
+from service.embedded import DURABLE_CONFIG, EmbeddedRedis
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def test_durable_configuration_on_a_unix_socket(tmp_path: Path) -> None:
+    server = EmbeddedRedis(tmp_path)
+    url = server.start()
+    try:
+        assert url.startswith("unix://")
+        client = redis_sync.Redis.from_url(url, decode_responses=True)
+        for name, value in DURABLE_CONFIG.items():
+            assert client.config_get(name) == {name: value}
+        assert client.config_get("port") == {"port": "0"}  # no TCP listener
+        client.close()
+    finally:
+        server.release()
+    assert not server._answers()
+
+
+def test_the_last_user_stops_it_and_not_before(tmp_path: Path) -> None:
+    first, second = EmbeddedRedis(tmp_path), EmbeddedRedis(tmp_path)
+    url = first.start()
+    assert second.start() == url
+    client = redis_sync.Redis.from_url(url)
+    client.set("k", "v")
+    first.release()  # the starter is done, but a client is still connected: Redis stays
+    assert client.get("k") == b"v"
+    client.close()
+    second.release()  # the last user: Redis stops
+    assert not second._answers()
+
+
+def test_a_server_whose_owner_died_is_adopted_and_stopped(tmp_path: Path) -> None:
+    orphan = EmbeddedRedis(tmp_path)
+    orphan.start()
+    (orphan.dir / "owner.pid").write_text(str(dead_pid()))  # as if its owner had been killed with SIGKILL
+    heir = EmbeddedRedis(tmp_path)
+    heir.start()
+    assert heir.owned
+    heir.release()
+    assert not heir._answers()
+
+
+def test_supervise_restarts_a_stopped_server_with_its_data(tmp_path: Path) -> None:
+    server = EmbeddedRedis(tmp_path)
+    url = server.start()
+    client = redis_sync.Redis.from_url(url)
+    client.set("k", "v")
+    client.close()
+    server.kill()
+    assert not server._answers()
+    server.supervise()
+    client = redis_sync.Redis.from_url(url)
+    assert client.get("k") == b"v"  # appendfsync always: the write survived the SIGKILL
+    client.close()
+    server.release()
