@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Callable, Collection
 from importlib import resources
@@ -83,7 +84,10 @@ class ConnectionStore:
             loaded = await self._read_routes(missing)
             now = self._clock()
             for realm_id, route in loaded.items():
-                ttl = self._cache_seconds if route is not None else self._negative_seconds
+                # Up to 20% shorter at random, so realms cached together do not all expire in the same instant.
+                ttl = (self._cache_seconds if route is not None else self._negative_seconds) * (
+                    1.0 - 0.2 * random.random()
+                )
                 if ttl > 0:
                     self._cache[realm_id] = (now + ttl, route)
                 found[realm_id] = route

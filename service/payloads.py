@@ -11,7 +11,7 @@ import hashlib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 
 import orjson
 
@@ -53,6 +53,7 @@ _TIME = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:[.,](\d+))?\s*(?:([Zz])|([+-])(\d{2}):?(\d{2}))?",
     re.ASCII,
 )
+_UTC_TIME = re.compile(r"\d{4}-\d\d-\d\dT(\d\d):(\d\d):(\d\d)(?:\.(\d+))?Z", re.ASCII)
 _MAX_REALM_ID = 32
 _MAX_ID = 1024
 _BOM = b"\xef\xbb\xbf"
@@ -141,18 +142,19 @@ def _legacy_entity(realm_id: str, entity: object) -> Event | InvalidEvent:
     occurred_at = occurred if isinstance(occurred, str) else ""
     instant = utc_instant(occurred_at) or f"raw:{occurred_at}"
     verb = VERB_BY_OPERATION.get(operation, operation.lower())
+    # Positional: keywords cost more than the rest of building an Event (fields in Event's order).
     return Event(
-        event_id=event_id(realm_id, name, entity_id, operation, deleted_id, instant),
-        source_id="",
-        realm_id=realm_id,
-        entity=name,
-        entity_id=entity_id,
-        operation=operation,
-        deleted_id=deleted_id,
-        occurred_at=occurred_at,
-        type=f"qbo.{name.lower()}.{verb}.v1",
-        format=LEGACY,
-        payload=compact_json(entity),
+        event_id(realm_id, name, entity_id, operation, deleted_id, instant),
+        "",
+        realm_id,
+        name,
+        entity_id,
+        operation,
+        deleted_id,
+        occurred_at,
+        f"qbo.{name.lower()}.{verb}.v1",
+        LEGACY,
+        compact_json(entity),
     )
 
 
@@ -178,17 +180,17 @@ def _cloudevent(element: object) -> Event | InvalidEvent:
     deleted_id = (_text_id(_get_ci(data, "deletedid")) if isinstance(data, dict) else None) or ""
     instant = utc_instant(occurred_at) or f"id:{source_id}"
     return Event(
-        event_id=event_id(realm_id, entity, entity_id, operation, deleted_id, instant),
-        source_id=source_id,
-        realm_id=realm_id,
-        entity=entity,
-        entity_id=entity_id,
-        operation=operation,
-        deleted_id=deleted_id,
-        occurred_at=occurred_at,
-        type=event_type,
-        format=CLOUDEVENTS,
-        payload=compact_json(element),
+        event_id(realm_id, entity, entity_id, operation, deleted_id, instant),
+        source_id,
+        realm_id,
+        entity,
+        entity_id,
+        operation,
+        deleted_id,
+        occurred_at,
+        event_type,
+        CLOUDEVENTS,
+        compact_json(element),
     )
 
 
@@ -215,7 +217,15 @@ def utc_instant(text: str) -> str | None:
     Accepts any fraction precision (none to nanoseconds) and offsets as ``Z``, ``±HH:MM`` or ``±HHMM``;
     a time without offset is UTC.
     """
-    match = _TIME.fullmatch(text.strip()) if text else None
+    if not text:
+        return None
+    fast = _UTC_TIME.fullmatch(text)
+    if fast is not None:  # already UTC with a Z, the shape nearly every Intuit time has
+        hour, minute, second, fraction = fast.groups()
+        if hour <= "23" and minute <= "59" and second <= "59" and _valid_date(text[:10]):
+            return f"{text[:19]}.{(fraction or '')[:3].ljust(3, '0')}Z"
+        return None
+    match = _TIME.fullmatch(text.strip())
     if match is None:
         return None
     year, month, day, hour, minute, second, fraction, _z, sign, off_h, off_m = match.groups()
@@ -232,6 +242,16 @@ def utc_instant(text: str) -> str | None:
         f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}T"
         f"{moment.hour:02d}:{moment.minute:02d}:{moment.second:02d}.{millis}Z"
     )
+
+
+@functools.lru_cache(maxsize=4096)
+def _valid_date(text: str) -> bool:
+    """Whether ``YYYY-MM-DD`` is a real calendar date (events of a day share it, hence the cache)."""
+    try:
+        date.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
 
 
 def compact_json(value: object) -> str:
@@ -258,8 +278,9 @@ def _get_ci(mapping: dict[str, object], lower_key: str) -> object:
     """A key looked up case-insensitively (``deletedid`` is also seen as ``deletedId``)."""
     if lower_key in mapping:
         return mapping[lower_key]
+    first = lower_key[0]
     for key, value in mapping.items():
-        if key.lower() == lower_key:
+        if key[:1].lower() == first and key.lower() == lower_key:
             return value
     return None
 
