@@ -156,7 +156,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         os.environ["QBO_REDIS_URL"] = url
         logger.info(
             "embedded Redis %s at %s (data in %s, appendfsync always); set QBO_REDIS_URL to use your own Redis",
-            "started" if embedded.owned else "reused",
+            "started" if embedded.started else "reused",
             url,
             embedded.dir,
         )

@@ -6,6 +6,7 @@ Used by ``qbo-webhooks serve`` when ``QBO_REDIS_URL`` is unset, and by the test 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -69,6 +71,7 @@ class EmbeddedRedis:
             socket_path = Path(tempfile.gettempdir()) / f"qbo-redis-{digest}.sock"
         self.socket = socket_path
         self.binary = ""
+        self.started = False  # this object launched the server (rather than finding it running)
 
     @property
     def url(self) -> str:
@@ -101,13 +104,26 @@ class EmbeddedRedis:
         return self.dir / "owner.pid"
 
     def start(self, timeout: float = 15.0) -> str:
-        """Start redis-server (or reuse a running one on the same socket) and return its URL."""
-        if self.port is None and self._answers():
-            if not _alive(self._owner()):
-                self._owner_file.write_text(str(os.getpid()))  # its owner is gone: adopt it
-            logger.debug("using the embedded Redis already running at %s", self.url)
-            return self.url
+        """Start redis-server (or reuse the one already running for this directory) and return its URL."""
         self.dir.mkdir(parents=True, exist_ok=True)
+        if self.port is not None:  # a private server (tests): never shared
+            self._launch(timeout)
+            return self.url
+        # One process at a time decides whether to launch: two servers on one append-only file would
+        # corrupt it, and a second server on the socket would split clients between two datasets.
+        with self._start_lock():
+            if self._running():
+                self._wait_until_answering(timeout)
+                if not _alive(self._owner()):
+                    self._owner_file.write_text(str(os.getpid()))  # its owner is gone: adopt it
+                logger.debug("using the embedded Redis already running at %s", self.url)
+                return self.url
+            self._launch(timeout)
+            self._owner_file.write_text(str(os.getpid()))
+            self.started = True
+            return self.url
+
+    def _launch(self, timeout: float) -> None:
         self.binary = find_redis_server()
         log = self.dir / "redis.log"
         config = {
@@ -135,25 +151,43 @@ class EmbeddedRedis:
         deadline = time.monotonic() + timeout
         while not self._answers():
             pid = self._pid()
-            if launcher.returncode != 0 or (pid is not None and not _alive(pid)):
+            if launcher.returncode != 0 or (pid is not None and not _is_redis(pid)):
                 tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
                 raise RuntimeError(f"redis-server exited at start-up: {launcher.stderr.decode(errors='replace')}{tail}")
             if time.monotonic() > deadline:
                 self.kill()
                 raise RuntimeError(f"redis-server did not answer within {timeout:.0f} s")
             time.sleep(0.02)
-        if self.port is None:
-            self._owner_file.write_text(str(os.getpid()))
-        return self.url
+
+    def _running(self) -> bool:
+        """A server of this directory exists: it answers, or its process lives (loading its file, or stalled)."""
+        pid = self._pid()
+        return (pid is not None and _is_redis(pid)) or self._answers()
+
+    def _wait_until_answering(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not self._answers() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    @contextlib.contextmanager
+    def _start_lock(self) -> Iterator[None]:
+        with open(self.dir / "start.lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def supervise(self) -> None:
-        """One check by a long-running user (the service): restart the server if it is gone, adopt it if
-        its owner is gone. Data survive in the append-only file."""
-        if not self._answers():
-            logger.warning("the embedded Redis at %s stopped; starting it again", self.url)
-            self.start()
-        elif not _alive(self._owner()):
-            self._owner_file.write_text(str(os.getpid()))
+        """One check by a long-running user (the service): restart the server if its process is gone (not
+        merely slow: a stalled or loading server is left alone), adopt it if its owner is gone. Data survive
+        in the append-only file."""
+        if self._running():
+            if not _alive(self._owner()):
+                self._owner_file.write_text(str(os.getpid()))
+            return
+        logger.warning("the embedded Redis at %s stopped; starting it again", self.url)
+        self.start()
 
     def release(self, timeout: float = 10.0) -> None:
         """Done with the shared server: stop it if this process owns it (or nobody does) and no other
@@ -176,9 +210,9 @@ class EmbeddedRedis:
         pid = self._pid()
         self._command(b"SHUTDOWN\r\n")
         deadline = time.monotonic() + timeout
-        while (self._answers() or _alive(pid)) and time.monotonic() < deadline:
+        while (self._answers() or (pid is not None and _is_redis(pid))) and time.monotonic() < deadline:
             time.sleep(0.02)
-        if _alive(pid):
+        if pid is not None and _is_redis(pid):
             self.kill()
         if self.port is None:
             self._owner_file.unlink(missing_ok=True)
@@ -186,11 +220,11 @@ class EmbeddedRedis:
     def kill(self) -> None:
         """SIGKILL, as a crash would (tests)."""
         pid = self._pid()
-        if pid is None or not _alive(pid):
+        if pid is None or not _is_redis(pid):
             return
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while _alive(pid) and time.monotonic() < deadline:
+        while _is_redis(pid) and time.monotonic() < deadline:
             time.sleep(0.01)
 
     def _answers(self) -> bool:
@@ -236,6 +270,16 @@ class EmbeddedRedis:
             return int(self._owner_file.read_text().strip())
         except (OSError, ValueError):
             return None
+
+
+def _is_redis(pid: int) -> bool:
+    """Whether ``pid`` is a live redis-server (not a process that reused the id of a dead one)."""
+    try:
+        return b"redis-server" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return _alive(pid)  # no /proc to look at
 
 
 def _alive(pid: int | None) -> bool:

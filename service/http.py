@@ -129,6 +129,9 @@ class Webhook:
 
     def _count(self, status: int, seconds: float, report: IngestReport | None, error: BaseException | None) -> None:
         metrics = self.metrics
+        if isinstance(error, ClientDisconnect):
+            metrics.errors["client_disconnected"] += 1  # nobody got an answer: not a 503 served
+            return
         metrics.observe(status, seconds)
         if report is not None:
             if report.accepted:
@@ -164,7 +167,8 @@ class Webhook:
         self, request_id: str, status: int, report: IngestReport | None, error: BaseException | None, seconds: float
     ) -> None:
         unexpected = error is not None and answer_for(error) is ERROR_ANSWERS[Exception]
-        level = logging.ERROR if unexpected else logging.WARNING if status >= 500 else logging.INFO
+        served_error = status >= 500 and not isinstance(error, ClientDisconnect)
+        level = logging.ERROR if unexpected else logging.WARNING if served_error else logging.INFO
         if not logger.isEnabledFor(level):
             return
         fields: dict[str, Any] = {"request_id": request_id, "status": status, "duration_ms": round(seconds * 1000, 2)}
@@ -178,7 +182,7 @@ class Webhook:
         line = " ".join(f"{k}={v}" for k, v in fields.items())
         if unexpected:
             logger.error("webhook %s", line, extra=fields, exc_info=error)
-        elif status >= 500:
+        elif served_error:
             logger.warning("webhook %s detail=%s", line, _short(error), extra=fields)
         else:
             logger.info("webhook %s", line, extra=fields)

@@ -161,3 +161,18 @@ async def test_rebuild_finds_connections_written_by_others(redis: Redis, sync_re
     assert await s.rebuild_token_index() == 2
     assert set(await s.known_tokens()) == {"theirs", "json-writer"}
     assert await s.realm_ids() == ["5", "6"]
+
+
+async def test_a_burst_of_cache_misses_waits_for_connections(redis_url: str, sync_redis: redis_sync.Redis) -> None:
+    """More concurrent misses than pooled connections: they queue for a connection instead of failing."""
+    import asyncio
+
+    from service.client import make_redis
+
+    for n in range(200):
+        sync_redis.hset(f"qbo:connection:{n}", mapping={"webhook_verifier_token": f"t{n}"})
+    client = make_redis(redis_url, timeout=5.0, max_connections=8)
+    s = store(client)
+    results = await asyncio.gather(*(s.routes([str(n)]) for n in range(200)))
+    assert all(routes[str(n)] is not None for n, (routes, _) in enumerate(results))
+    await client.aclose()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
+import threading
 from pathlib import Path
 
 import redis as redis_sync
@@ -68,3 +71,51 @@ def test_supervise_restarts_a_stopped_server_with_its_data(tmp_path: Path) -> No
     assert client.get("k") == b"v"  # appendfsync always: the write survived the SIGKILL
     client.close()
     server.release()
+
+
+def redis_servers_of(server: EmbeddedRedis) -> int:
+    """How many live redis-server processes serve this directory's socket."""
+    count = 0
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"redis-server" in cmdline and str(server.socket).encode() in cmdline:
+            count += 1
+    return count
+
+
+def test_a_stalled_server_is_not_replaced(tmp_path: Path) -> None:
+    """A Redis that is slow to answer (fsync stall, long script) is alive: a second one on the same
+    append-only file would split the data and corrupt the file."""
+    server = EmbeddedRedis(tmp_path)
+    server.start()
+    pid = server.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        server.supervise()
+        assert server.pid == pid
+        assert redis_servers_of(server) == 1
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    server.release()
+
+
+def test_concurrent_supervisors_restart_one_server(tmp_path: Path) -> None:
+    """Two services in one directory both notice that Redis died: exactly one new server starts."""
+    first, second = EmbeddedRedis(tmp_path), EmbeddedRedis(tmp_path)
+    first.start()
+    second.start()
+    first.kill()
+    threads = [threading.Thread(target=s.supervise) for s in (first, second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert redis_servers_of(first) == 1
+    assert first._answers()
+    first.release()
+    second.release()
+    assert redis_servers_of(first) == 0
