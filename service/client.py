@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -20,10 +20,10 @@ def make_redis(url: str, *, timeout: float = 2.0, max_connections: int = 64) -> 
     """An async client with string replies, bounded timeouts, and one quick retry so a restarted
     Redis is reconnected to by the next request instead of failing it.
 
-    The pool blocks (up to ``timeout``) when all its connections are busy instead of failing at once: a
-    burst of cache misses must wait for a connection, not turn into 503s.
+    The pool does not block (a blocking pool costs a timer per command); callers that may burst bound
+    their own concurrency well below ``max_connections`` (see ``ConnectionStore``).
     """
-    pool = BlockingConnectionPool.from_url(
+    pool = ConnectionPool.from_url(
         url,
         decode_responses=True,
         socket_timeout=timeout,
@@ -31,7 +31,6 @@ def make_redis(url: str, *, timeout: float = 2.0, max_connections: int = 64) -> 
         retry=Retry(NoBackoff(), 1),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
         max_connections=max_connections,
-        timeout=timeout,
         health_check_interval=30,
     )
     return Redis.from_pool(pool)

@@ -24,6 +24,9 @@ from service.signature import fingerprint
 logger = logging.getLogger(__name__)
 
 NEGATIVE_CACHE_SECONDS = 2.0  # SPEC §4.4: an unregistered realm is remembered for at most 2 s
+# Cache misses read Redis at most this many at a time: a burst of misses (start-up, many realms expiring
+# together) queues here, within each request's deadline, instead of exhausting the connection pool.
+CONCURRENT_READS = 16
 
 
 class ConnectionStore:
@@ -52,6 +55,7 @@ class ConnectionStore:
         self._clock = clock
         self._cache: dict[str, tuple[float, RealmRoute | None]] = {}
         self._load_routes = redis.register_script(_lua("load_routes.lua"))
+        self._reads = asyncio.Semaphore(CONCURRENT_READS)
         self._known_tokens: tuple[str, ...] = ()
         self._known_tokens_expire = 0.0
         self.decrypt_failures = 0
@@ -103,7 +107,8 @@ class ConnectionStore:
         now = self._clock()
         if now >= self._known_tokens_expire:
             try:
-                raw: dict[str, str] = await self._redis.hgetall(self._keys.verifier_tokens)  # type: ignore[assignment]
+                async with self._reads:
+                    raw: dict[str, str] = await self._redis.hgetall(self._keys.verifier_tokens)  # type: ignore[assignment]
             except RedisError as exc:
                 raise StorageUnavailable(f"reading the verifier-token index failed: {type(exc).__name__}") from exc
             self._known_tokens = tuple(self._index_tokens(raw, time.time()))
@@ -120,7 +125,8 @@ class ConnectionStore:
 
     async def _read_routes(self, realm_ids: list[str]) -> dict[str, RealmRoute | None]:
         try:
-            replies = await self._load_routes(keys=[self._keys.connection(r) for r in realm_ids])
+            async with self._reads:
+                replies = await self._load_routes(keys=[self._keys.connection(r) for r in realm_ids])
         except RedisError as exc:
             raise StorageUnavailable(f"reading connections failed: {type(exc).__name__}") from exc
         return {realm_id: self._route(realm_id, reply) for realm_id, reply in zip(realm_ids, replies, strict=True)}

@@ -169,10 +169,10 @@ async def test_a_burst_of_cache_misses_waits_for_connections(redis_url: str, syn
 
     from service.client import make_redis
 
-    for n in range(200):
+    for n in range(300):
         sync_redis.hset(f"qbo:connection:{n}", mapping={"webhook_verifier_token": f"t{n}"})
-    client = make_redis(redis_url, timeout=5.0, max_connections=8)
+    client = make_redis(redis_url, timeout=5.0)  # the service's pool: 64 connections
     s = store(client)
-    results = await asyncio.gather(*(s.routes([str(n)]) for n in range(200)))
+    results = await asyncio.gather(*(s.routes([str(n)]) for n in range(300)))
     assert all(routes[str(n)] is not None for n, (routes, _) in enumerate(results))
     await client.aclose()
