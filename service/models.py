@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
@@ -163,13 +164,14 @@ class RealmRoute:
         return f"RealmRoute(realm_id={self.realm_id!r}, token={MASK if self.token else None}, env={self.environment!r})"
 
 
-_second_cache: list[object] = [-1, ""]  # (whole second, its formatted text): formatting is the costly part
+@functools.lru_cache(maxsize=2)
+def _whole_second(seconds: int) -> str:
+    """``YYYY-MM-DDTHH:MM:SS`` of a second; formatting is the costly part and many requests share a second."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
 
 
 def utc_timestamp(now: float | None = None) -> str:
     """``YYYY-MM-DDTHH:MM:SS.mmmZ`` in UTC."""
     now = time.time() if now is None else now
     seconds = int(now)
-    if _second_cache[0] != seconds:
-        _second_cache[:] = [seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))]
-    return f"{_second_cache[1]}.{int((now - seconds) * 1000):03d}Z"
+    return f"{_whole_second(seconds)}.{int((now - seconds) * 1000):03d}Z"
