@@ -57,6 +57,7 @@ def create_app(settings: Settings | None = None, *, redis: Redis | None = None) 
                 dead_letter_maxlen=settings.dead_letter_maxlen,
                 min_replicas=settings.min_replicas,
                 replica_timeout_seconds=settings.response_budget_seconds / 2,
+                call_timeout_seconds=settings.response_budget_seconds,
             )
             stack.push_async_callback(_bounded, recorder.close(), "waiting for queued writes")
             with contextlib.suppress(RedisError):  # Redis may be down at start-up; scripts then load on first use

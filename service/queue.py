@@ -12,7 +12,9 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
+from typing import Any
 
+import hiredis
 import orjson
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
@@ -20,6 +22,7 @@ from redis.exceptions import NoScriptError, RedisError
 from service.errors import StorageUnavailable
 from service.keys import Keys
 from service.models import EVENT_FIELDS, DeadLetter, Event
+from service.scriptline import ScriptLine, Unsupported
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +59,7 @@ class StreamRecorder:
         dead_letter_maxlen: int = 1_000_000,
         min_replicas: int = 0,
         replica_timeout_seconds: float = 1.0,
+        call_timeout_seconds: float = 2.0,
     ) -> None:
         self._redis = redis
         self._keys = keys
@@ -67,6 +71,11 @@ class StreamRecorder:
         self._queue: list[_Request] = []
         self._writers: set[asyncio.Task[None]] = set()  # kept so the tasks are not garbage-collected
         self._writing = 0
+        # One connection of its own per call in flight; None once this redis-py turned out not to support it.
+        self._lines: list[ScriptLine] | None = [
+            ScriptLine(redis, timeout=call_timeout_seconds) for _ in range(MAX_CALLS_IN_FLIGHT)
+        ]
+        self._free_lines = list(self._lines)
         self.dead_letter_cap_reached = 0
 
     async def record(self, events: Sequence[Event], letters: Sequence[DeadLetter], received_at: str) -> RecordResult:
@@ -87,22 +96,27 @@ class StreamRecorder:
         await self._redis.script_load(self._script.script)
 
     async def close(self) -> None:
-        """Wait for the writes already queued."""
+        """Wait for the writes already queued, then close the recorder's connections."""
         if self._writers:
             await asyncio.shield(asyncio.gather(*self._writers))
+        for line in self._lines or ():
+            await line.close()
 
     async def _drain(self) -> None:
+        line = self._free_lines.pop() if self._free_lines else None
         try:
-            await self._drain_queue()
+            await self._drain_queue(line)
         finally:
+            if line is not None:
+                self._free_lines.append(line)
             self._writing -= 1
 
-    async def _drain_queue(self) -> None:
+    async def _drain_queue(self, line: ScriptLine | None) -> None:
         while self._queue:
             batch = self._queue[:MAX_REQUESTS_PER_CALL]
             del self._queue[:MAX_REQUESTS_PER_CALL]
             try:
-                results = await self._write(batch)
+                results = await self._write(batch, line)
             except Exception as exc:
                 # Every request of the call fails: none is answered 200 without its own write.
                 failure = exc if isinstance(exc, StorageUnavailable) else StorageUnavailable(repr(exc))
@@ -114,7 +128,7 @@ class StreamRecorder:
                 if not request.done.done():
                     request.done.set_result(result)
 
-    async def _write(self, batch: list[_Request]) -> list[RecordResult]:
+    async def _write(self, batch: list[_Request], line: ScriptLine | None) -> list[RecordResult]:
         keys = [self._keys.events, self._keys.dead_letters]
         seen = self._keys.seen
         events: list[list[str]] = []
@@ -128,7 +142,9 @@ class StreamRecorder:
         document = orjson.dumps({"names": EVENT_FIELDS, "events": events, "letters": letters})
         args: list[str | bytes] = [self._ttl, str(self._dead_maxlen), document]
         try:
-            reply = await self._call(keys, args)
+            reply = await self._call_on(line, keys, args) if line is not None and self._lines else None
+            if reply is None:
+                reply = await self._call(keys, args)
         except RedisError as exc:
             raise StorageUnavailable(f"recording failed: {type(exc).__name__}: {exc}") from exc
         statuses, dead_len = reply[:-1], int(reply[-1])
@@ -143,6 +159,29 @@ class StreamRecorder:
             appended = sum(1 for status in mine if int(status) == 1)
             results.append(RecordResult(appended, len(mine) - appended, len(request.letters)))
         return results
+
+    async def _call_on(self, line: ScriptLine, keys: list[str], args: list[str | bytes]) -> list[int] | None:
+        """The script call (and WAIT) on the recorder's own connection; ``None`` when that is unsupported."""
+        commands: list[tuple[Any, ...]] = [("EVALSHA", self._script.sha, len(keys), *keys, *args)]
+        if self._min_replicas > 0:
+            # WAIT covers the writes of its own connection, so it follows the script on the same one.
+            commands.append(("WAIT", self._min_replicas, self._replica_timeout_ms))
+        try:
+            replies = await line.exchange(commands)
+            if _is_noscript(replies[0]):  # Redis restarted or SCRIPT FLUSH: nothing ran; load and call again
+                replies = (await line.exchange([("SCRIPT", "LOAD", self._script.script), *commands]))[1:]
+        except Unsupported as exc:
+            logger.warning("recording through the client instead of a connection of its own: %s", exc)
+            self._lines = None
+            return None
+        reply = replies[0]
+        if isinstance(reply, hiredis.ReplyError):
+            raise StorageUnavailable(f"recording refused by Redis: {str(reply)[:200]}")
+        if self._min_replicas > 0:
+            replicas = replies[1]
+            if isinstance(replicas, hiredis.ReplyError) or int(replicas) < self._min_replicas:
+                raise StorageUnavailable(f"write reached {replicas} of {self._min_replicas} required replicas")
+        return reply  # type: ignore[no-any-return]
 
     async def _call(self, keys: list[str], args: list[str | bytes]) -> list[int]:
         if self._min_replicas <= 0:
@@ -163,3 +202,7 @@ class StreamRecorder:
                 raise StorageUnavailable(f"write reached {replicas} of {self._min_replicas} required replicas")
             return reply  # type: ignore[no-any-return]
         raise AssertionError("unreachable")
+
+
+def _is_noscript(reply: object) -> bool:
+    return isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT")

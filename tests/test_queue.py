@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
+import pytest
 import redis as redis_sync
 from redis.asyncio import Redis
 
@@ -30,12 +33,29 @@ def make_event(n: int, realm: str = "1") -> Event:
     )
 
 
+Recorders = Callable[..., StreamRecorder]
+
+
+@pytest.fixture
+async def recorders(redis: Redis) -> AsyncIterator[Recorders]:
+    """Makes recorders on the suite's Redis and closes their connections afterwards."""
+    made: list[StreamRecorder] = []
+
+    def make(**options: Any) -> StreamRecorder:
+        made.append(StreamRecorder(redis, Keys(), **options))
+        return made[-1]
+
+    yield make
+    for recorder in made:
+        await recorder.close()
+
+
 def letter(n: int) -> DeadLetter:
     return DeadLetter(DeadLetterReason.INVALID_EVENT, "1", f"bad {n}", "abcd", "[]")
 
 
-async def test_marks_and_entries_are_written_together(redis: Redis, sync_redis: redis_sync.Redis) -> None:
-    recorder = StreamRecorder(redis, Keys(), dedupe_ttl_seconds=3600)
+async def test_marks_and_entries_are_written_together(recorders: Recorders, sync_redis: redis_sync.Redis) -> None:
+    recorder = recorders(dedupe_ttl_seconds=3600)
     result = await recorder.record([make_event(1), make_event(2), make_event(1)], [letter(1)], "t")
     assert (result.accepted, result.duplicates, result.dead_lettered) == (2, 1, 1)
     queued = [fields["event_id"] for _, fields in entries(sync_redis, "qbo:events")]
@@ -47,8 +67,8 @@ async def test_marks_and_entries_are_written_together(redis: Redis, sync_redis: 
     assert (again.accepted, again.duplicates) == (0, 1)
 
 
-async def test_concurrent_requests_are_group_committed(redis: Redis, sync_redis: redis_sync.Redis) -> None:
-    recorder = StreamRecorder(redis, Keys())
+async def test_concurrent_requests_are_group_committed(recorders: Recorders, sync_redis: redis_sync.Redis) -> None:
+    recorder = recorders()
     await recorder.preload()
     sync_redis.config_resetstat()
     results = await asyncio.gather(*(recorder.record([make_event(n)], [], "t") for n in range(200)))
@@ -59,15 +79,15 @@ async def test_concurrent_requests_are_group_committed(redis: Redis, sync_redis:
     assert sum(r.accepted for r in results) == 200
 
 
-async def test_nothing_to_record_touches_nothing(redis: Redis, sync_redis: redis_sync.Redis) -> None:
-    recorder = StreamRecorder(redis, Keys())
+async def test_nothing_to_record_touches_nothing(recorders: Recorders, sync_redis: redis_sync.Redis) -> None:
+    recorder = recorders()
     result = await recorder.record([], [], "t")
     assert (result.accepted, result.duplicates, result.dead_lettered) == (0, 0, 0)
     assert sync_redis.dbsize() == 0
 
 
-async def test_dead_letter_stream_is_capped(redis: Redis, sync_redis: redis_sync.Redis) -> None:
-    recorder = StreamRecorder(redis, Keys(), dead_letter_maxlen=100)
+async def test_dead_letter_stream_is_capped(recorders: Recorders, sync_redis: redis_sync.Redis) -> None:
+    recorder = recorders(dead_letter_maxlen=100)
     for n in range(30):
         await recorder.record([], [letter(n) for _ in range(10)], "t")
     assert sync_redis.xlen("qbo:events:dead") < 300

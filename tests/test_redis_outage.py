@@ -84,5 +84,6 @@ async def test_a_failed_group_commit_fails_every_request_in_it(own_redis: Embedd
     assert all(isinstance(result, StorageUnavailable) for result in results), results
     await asyncio.to_thread(own_redis.start)
     assert sync.xlen("qbo:events") == 0  # and indeed nothing was written
+    await recorder.close()
     await client.aclose()
     sync.close()
