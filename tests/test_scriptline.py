@@ -28,7 +28,7 @@ async def recorder(redis: Redis) -> AsyncIterator[StreamRecorder]:
     await made.close()
 
 
-def recorder_clients(sync_redis: redis_sync.Redis) -> list[dict[str, object]]:
+def recorder_clients(sync_redis: redis_sync.Redis) -> list[dict[str, str]]:
     """The Redis connections that ran a script (the recorder's own lines; the test clients run none)."""
     return [c for c in sync_redis.client_list() if c.get("cmd") in ("evalsha", "script|load")]
 
