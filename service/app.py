@@ -29,6 +29,7 @@ from service.settings import Settings, load_settings
 logger = logging.getLogger(__name__)
 
 TOKEN_INDEX_REBUILD_SECONDS = 300.0
+GC_YOUNG_THRESHOLD = 10_000
 
 
 def create_app(settings: Settings | None = None, *, redis: Redis | None = None) -> Starlette:
@@ -77,6 +78,11 @@ def create_app(settings: Settings | None = None, *, redis: Redis | None = None) 
             # What start-up allocated lives as long as the process: keep it out of the collector's scans, which
             # otherwise show up as pauses in the latency tail under load.
             gc.freeze()
+            # A delivery allocates a few hundred short-lived objects that reference counting frees; with the
+            # default young-generation threshold (700) the requests in flight alone trigger a collection
+            # every few requests, about 3 µs of CPU per request (bench/). Cycles are still collected.
+            stack.callback(gc.set_threshold, *gc.get_threshold())
+            gc.set_threshold(GC_YOUNG_THRESHOLD)
             yield
 
     async def internal_error(request: Request, exc: Exception) -> Response:

@@ -11,7 +11,7 @@ import asyncio
 import base64
 import logging
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -29,6 +29,8 @@ _INLINE_HMAC_BYTES = 256 * 1024
 
 
 class RouteSource(Protocol):
+    def cached(self, realm_ids: Collection[str]) -> dict[str, RealmRoute] | None: ...
+
     async def routes(
         self, realm_ids: Collection[str], *, refresh: bool = False
     ) -> tuple[dict[str, RealmRoute | None], set[str]]: ...
@@ -40,6 +42,14 @@ class Recorder(Protocol):
     async def record(
         self, events: Sequence[Event], letters: Sequence[DeadLetter], received_at: str
     ) -> RecordResult: ...
+
+    def enqueue(
+        self,
+        events: Sequence[Event],
+        letters: Sequence[DeadLetter],
+        received_at: str,
+        done: asyncio.Future[RecordResult],
+    ) -> None: ...
 
 
 @dataclass(slots=True)
@@ -54,8 +64,26 @@ class IngestReport:
     format: str = ""
 
 
+@dataclass(slots=True)
+class _Delivery:
+    """A delivery waiting for the next batch; ``done`` gets its write's result, or ``None``: take the general path."""
+
+    body: bytes
+    signature: bytes
+    done: asyncio.Future[RecordResult | None]
+    parsed: ParsedBody | None = None
+    report: IngestReport | None = None
+
+
 class Ingestor:
-    """Authenticates a delivery and records every event of it exactly once."""
+    """Authenticates a delivery and records every event of it exactly once.
+
+    Deliveries are processed in batches: each one joins the pending list, and one callback per event-loop
+    turn parses, verifies and routes every delivery that arrived in that turn, then hands their writes to
+    the recorder together. The same work done request by request, interleaved with the HTTP server's,
+    cost about half as much again per request (``bench/``). A delivery the batch cannot settle from the
+    cache alone (a realm not cached, a token that does not verify, a large body) takes the general path.
+    """
 
     def __init__(
         self,
@@ -71,11 +99,70 @@ class Ingestor:
         self._app_tokens = tuple(app_tokens)
         self._budget = budget_seconds
         self._heavy = asyncio.Semaphore(heavy_verifications)
+        self._pending: list[_Delivery] = []
 
     async def ingest(self, body: bytes, signature_headers: Sequence[str]) -> IngestReport:
         """Raises ``SignatureError`` (not authentic; nothing written) or ``StorageUnavailable``."""
         signature = parse_header(signature_headers)  # malformed headers are refused before any Redis I/O
-        parsed = parse_body(body)
+        loop = asyncio.get_running_loop()
+        delivery = _Delivery(body, signature, loop.create_future())
+        if not self._pending:
+            loop.call_soon(self._process_pending)
+        self._pending.append(delivery)
+        result = await delivery.done
+        if result is None or delivery.report is None:
+            return await self._ingest(body, signature, delivery.parsed)
+        report = delivery.report
+        report.accepted, report.duplicates, report.dead_lettered = (
+            result.accepted,
+            result.duplicates,
+            result.dead_lettered,
+        )
+        return report
+
+    def _process_pending(self) -> None:
+        batch, self._pending = self._pending, []
+        received_at = utc_timestamp()
+        for delivery in batch:
+            if delivery.done.done():  # cancelled while it waited (deadline, shutdown): nothing to do
+                continue
+            try:
+                routed = self._route_from_cache(delivery)
+            except Exception as exc:  # not expected; answered (and logged) as an internal error, never lost silently
+                delivery.done.set_exception(exc)
+                continue
+            if routed is None:
+                delivery.done.set_result(None)
+            elif routed[0] or routed[1]:
+                self._recorder.enqueue(*routed, received_at, delivery.done)  # type: ignore[arg-type]
+            else:
+                delivery.done.set_result(RecordResult())
+
+    def _route_from_cache(self, delivery: _Delivery) -> tuple[list[Event], list[DeadLetter]] | None:
+        """Events and dead letters of a delivery whose realms are all cached and whose body verifies with
+        their cached token; ``None`` for everything else (the general path then decides)."""
+        body = delivery.body
+        parsed = delivery.parsed = parse_body(body)
+        realm_ids = parsed.realm_ids()
+        routes = self._routes.cached(realm_ids) if realm_ids else None
+        if routes is None:
+            return None
+        candidates = [route.token for route in routes.values() if route.token]
+        candidates.extend(self._app_tokens)
+        if len(body) * len(candidates) > _INLINE_HMAC_BYTES:
+            return None
+        verified = find_verifying_token(candidates, body, delivery.signature)
+        if verified is None or _stale(routes, routes.keys(), verified):
+            return None  # never decided against a cached token: the general path re-reads (SPEC §4.7)
+        report = delivery.report = IngestReport(realms=len(realm_ids), format=parsed.format or "unparseable")
+        events, letters = _route(parsed, body, routes, verified)
+        for letter in letters:
+            report.reasons[letter.reason.value] = report.reasons.get(letter.reason.value, 0) + 1
+        return events, letters
+
+    async def _ingest(self, body: bytes, signature: bytes, parsed: ParsedBody | None) -> IngestReport:
+        """The general path: any realm may be read from Redis, and any verdict is checked against a fresh read."""
+        parsed = parsed or parse_body(body)
         realm_ids = parsed.realm_ids()
         report = IngestReport(realms=len(realm_ids), format=parsed.format or "unparseable")
 
@@ -117,7 +204,7 @@ class Ingestor:
             return await asyncio.to_thread(find_verifying_token, candidates, body, signature, deadline)
 
 
-def _stale(routes: dict[str, RealmRoute | None], cached: set[str], verified: str | None) -> list[str]:
+def _stale(routes: Mapping[str, RealmRoute | None], cached: Collection[str], verified: str | None) -> list[str]:
     """Cached realms whose cached state would be decided against."""
     stale = []
     for realm_id in cached:
@@ -132,7 +219,7 @@ def _stale(routes: dict[str, RealmRoute | None], cached: set[str], verified: str
 
 
 def _route(
-    parsed: ParsedBody, body: bytes, routes: dict[str, RealmRoute | None], verified: str
+    parsed: ParsedBody, body: bytes, routes: Mapping[str, RealmRoute | None], verified: str
 ) -> tuple[list[Event], list[DeadLetter]]:
     verified_by = fingerprint(verified)
     if parsed.unparseable:

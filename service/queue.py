@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -44,7 +44,7 @@ class _Request:
     events: Sequence[Event]
     letters: Sequence[DeadLetter]
     received_at: str
-    done: asyncio.Future[RecordResult] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    done: asyncio.Future[RecordResult]
 
 
 class StreamRecorder:
@@ -82,14 +82,24 @@ class StreamRecorder:
         """Dedupe and append ``events``, append ``letters``; returns once Redis acknowledged the write."""
         if not events and not letters:
             return RecordResult()
-        request = _Request(events, letters, received_at)
-        self._queue.append(request)
+        done: asyncio.Future[RecordResult] = asyncio.get_running_loop().create_future()
+        self.enqueue(events, letters, received_at, done)
+        return await done
+
+    def enqueue(
+        self,
+        events: Sequence[Event],
+        letters: Sequence[DeadLetter],
+        received_at: str,
+        done: asyncio.Future[RecordResult],
+    ) -> None:
+        """``record`` without waiting: ``done`` gets the result (or ``StorageUnavailable``) once the write returned."""
+        self._queue.append(_Request(events, letters, received_at, done))
         if self._writing < MAX_CALLS_IN_FLIGHT:
             self._writing += 1  # counted here and uncounted by the writer itself, never by a callback later
             writer = asyncio.get_running_loop().create_task(self._drain())
             self._writers.add(writer)
             writer.add_done_callback(self._writers.discard)
-        return await request.done
 
     async def preload(self) -> None:
         """Load the Lua script now, so the first request does not pay a NOSCRIPT round trip."""
