@@ -84,7 +84,7 @@ class Webhook:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
-        request_id = f"{self._id_prefix}-{next(self._ids):x}"
+        number = next(self._ids)
         report: IngestReport | None = None
         error: BaseException | None = None
         reading = True
@@ -125,7 +125,7 @@ class Webhook:
         await send({"type": "http.response.body", "body": payload})
         seconds = time.perf_counter() - started
         self._count(status, seconds, report, error)
-        self._log(request_id, status, report, error, seconds)
+        self._log(number, status, report, error, seconds)
 
     def _count(self, status: int, seconds: float, report: IngestReport | None, error: BaseException | None) -> None:
         metrics = self.metrics
@@ -149,10 +149,15 @@ class Webhook:
         limit = self.settings.max_body_bytes
         if declared is not None and declared > limit:
             raise BodyTooLarge()
+        message = await receive()
+        if message["type"] == "http.request" and not message.get("more_body", False):
+            body: bytes = message.get("body", b"")  # the whole body in one message: the usual case
+            if len(body) > limit:
+                raise BodyTooLarge()
+            return body
         chunks: list[bytes] = []
         size = 0
         while True:
-            message = await receive()
             if message["type"] == "http.disconnect":
                 raise ClientDisconnect()
             chunk = message.get("body", b"")
@@ -161,16 +166,18 @@ class Webhook:
                 raise BodyTooLarge()
             chunks.append(chunk)
             if not message.get("more_body", False):
-                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                return b"".join(chunks)
+            message = await receive()
 
     def _log(
-        self, request_id: str, status: int, report: IngestReport | None, error: BaseException | None, seconds: float
+        self, number: int, status: int, report: IngestReport | None, error: BaseException | None, seconds: float
     ) -> None:
         unexpected = error is not None and answer_for(error) is ERROR_ANSWERS[Exception]
         served_error = status >= 500 and not isinstance(error, ClientDisconnect)
         level = logging.ERROR if unexpected else logging.WARNING if served_error else logging.INFO
         if not logger.isEnabledFor(level):
             return
+        request_id = f"{self._id_prefix}-{number:x}"
         fields: dict[str, Any] = {"request_id": request_id, "status": status, "duration_ms": round(seconds * 1000, 2)}
         if report is not None:
             fields.update(realms=report.realms, accepted=report.accepted, duplicates=report.duplicates,

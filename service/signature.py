@@ -82,8 +82,12 @@ def find_verifying_token(
 
 
 def same_token(a: str, b: str) -> bool:
-    """Constant-time token equality (works for non-ASCII tokens, unlike ``compare_digest`` on ``str``)."""
-    return hmac.compare_digest(a.encode("utf-8"), b.encode("utf-8"))
+    """Constant-time token equality (works for non-ASCII tokens, unlike ``compare_digest`` on ``str``).
+
+    The same object is equal without comparing: the usual case (a realm's cached token is the candidate
+    that verified), and whether two of our own strings are one object says nothing about their bytes.
+    """
+    return a is b or hmac.compare_digest(a.encode("utf-8"), b.encode("utf-8"))
 
 
 @functools.lru_cache(maxsize=4096)

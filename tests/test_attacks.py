@@ -333,6 +333,24 @@ def test_named_attack(attack: Callable[[Target], None], target: Target) -> None:
         assert fields["realm_id"] == "111"
 
 
+@pytest.mark.slow
+def test_a_body_in_chunks_is_read_whole(target: Target) -> None:
+    """Not an attack: a body that arrives in several pieces (several ASGI messages) is read whole."""
+    body = orjson.dumps([ce("111")])
+    before = target.counts()
+    with socket.create_connection(("127.0.0.1", target.port), timeout=10) as sock:
+        sock.sendall(request_head("POST", WEBHOOK, None, [("transfer-encoding", "chunked"),
+                                                          ("intuit-signature", sign(TOKEN_A, body))]))  # fmt: skip
+        for start in range(0, len(body), 40):
+            chunk = body[start : start + 40]
+            sock.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+            time.sleep(0.02)  # separate reads on the server
+        sock.sendall(b"0\r\n\r\n")
+        answer = read_answer(sock)
+    assert answer.status == 200, answer
+    assert target.counts() == (before[0] + 1, before[1])
+
+
 def test_nesting_too_deep_to_reserialise_is_dead_lettered(
     client_factory: Callable[..., Any], sync_redis: redis_sync.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
