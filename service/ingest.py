@@ -51,6 +51,8 @@ class Recorder(Protocol):
         done: asyncio.Future[RecordResult],
     ) -> None: ...
 
+    def flush(self) -> None: ...
+
 
 @dataclass(slots=True)
 class IngestReport:
@@ -137,6 +139,7 @@ class Ingestor:
                 self._recorder.enqueue(*routed, received_at, delivery.done)  # type: ignore[arg-type]
             else:
                 delivery.done.set_result(RecordResult())
+        self._recorder.flush()  # the turn's writes go together
 
     def _route_from_cache(self, delivery: _Delivery) -> tuple[list[Event], list[DeadLetter]] | None:
         """Events and dead letters of a delivery whose realms are all cached and whose body verifies with

@@ -1,8 +1,9 @@
 """The write side of the events stream (SPEC §5.2 to §5.4): dedupe marks, events and dead letters in one Lua call.
 
-Concurrent requests are group-committed: while one script call is in flight, the requests that arrive
-queue up and go together in the next call. Each request is answered only after the call carrying its
-own write returned; a failed call fails every request in it.
+Concurrent requests are group-committed: while the script calls in flight wait on Redis, the requests that
+arrive queue up and go together in the next call. Each request is answered only after the call carrying
+its own write returned; a failed call fails every request in it. Calls go out on connections of the
+recorder's own (``ScriptLine``) and are settled in the callback that reads their reply.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from redis.exceptions import NoScriptError, RedisError
 from service.errors import StorageUnavailable
 from service.keys import Keys
 from service.models import EVENT_FIELDS, DeadLetter, Event
-from service.scriptline import ScriptLine, Unsupported
+from service.scriptline import LostConnection, Replies, ScriptLine, Unsupported
 
 logger = logging.getLogger(__name__)
 
@@ -69,21 +70,25 @@ class StreamRecorder:
         self._replica_timeout_ms = max(1, int(replica_timeout_seconds * 1000))
         self._script = redis.register_script(resources.files("service").joinpath("lua", "record.lua").read_text())
         self._queue: list[_Request] = []
-        self._writers: set[asyncio.Task[None]] = set()  # kept so the tasks are not garbage-collected
-        self._writing = 0
-        # One connection of its own per call in flight; None once this redis-py turned out not to support it.
-        self._lines: list[ScriptLine] | None = [
-            ScriptLine(redis, timeout=call_timeout_seconds) for _ in range(MAX_CALLS_IN_FLIGHT)
-        ]
-        self._free_lines = list(self._lines)
+        # One connection of its own per call in flight; the idle ones wait here for the next group.
+        self._lines = [ScriptLine(redis, timeout=call_timeout_seconds) for _ in range(MAX_CALLS_IN_FLIGHT)]
+        self._idle_lines = list(self._lines)
+        self._use_client = False  # set once this redis-py's connections turned out not to be usable as lines
+        self._tasks: set[asyncio.Task[None]] = set()  # connecting lines; kept so they are not garbage-collected
+        self._finished: asyncio.Future[None] | None = None  # what ``close`` waits on
+        self._flush_scheduled = False
         self.dead_letter_cap_reached = 0
 
     async def record(self, events: Sequence[Event], letters: Sequence[DeadLetter], received_at: str) -> RecordResult:
         """Dedupe and append ``events``, append ``letters``; returns once Redis acknowledged the write."""
         if not events and not letters:
             return RecordResult()
-        done: asyncio.Future[RecordResult] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[RecordResult] = loop.create_future()
         self.enqueue(events, letters, received_at, done)
+        if not self._flush_scheduled:  # at the end of this turn, with whatever else it queued
+            self._flush_scheduled = True
+            loop.call_soon(self.flush)
         return await done
 
     def enqueue(
@@ -93,13 +98,17 @@ class StreamRecorder:
         received_at: str,
         done: asyncio.Future[RecordResult],
     ) -> None:
-        """``record`` without waiting: ``done`` gets the result (or ``StorageUnavailable``) once the write returned."""
+        """``record`` without waiting: ``done`` gets the result (or ``StorageUnavailable``) once the write returned.
+
+        Queued only: ``flush`` sends what is queued, so a caller with several requests queues them all first.
+        """
         self._queue.append(_Request(events, letters, received_at, done))
-        if self._writing < MAX_CALLS_IN_FLIGHT:
-            self._writing += 1  # counted here and uncounted by the writer itself, never by a callback later
-            writer = asyncio.get_running_loop().create_task(self._drain())
-            self._writers.add(writer)
-            writer.add_done_callback(self._writers.discard)
+
+    def flush(self) -> None:
+        """Send the queued requests, in groups, on the lines not waiting on Redis (the others take the rest
+        as soon as their call returns)."""
+        self._flush_scheduled = False
+        self._dispatch()
 
     async def preload(self) -> None:
         """Load the Lua script now, so the first request does not pay a NOSCRIPT round trip."""
@@ -107,38 +116,46 @@ class StreamRecorder:
 
     async def close(self) -> None:
         """Wait for the writes already queued, then close the recorder's connections."""
-        if self._writers:
-            await asyncio.shield(asyncio.gather(*self._writers))
-        for line in self._lines or ():
+        self._dispatch()
+        if self._queue or len(self._idle_lines) < len(self._lines):
+            self._finished = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._finished)
+        for line in self._lines:
             await line.close()
 
-    async def _drain(self) -> None:
-        line = self._free_lines.pop() if self._free_lines else None
-        try:
-            await self._drain_queue(line)
-        finally:
-            if line is not None:
-                self._free_lines.append(line)
-            self._writing -= 1
-
-    async def _drain_queue(self, line: ScriptLine | None) -> None:
-        while self._queue:
+    def _dispatch(self) -> None:
+        while self._queue and self._idle_lines:
             batch = self._queue[:MAX_REQUESTS_PER_CALL]
             del self._queue[:MAX_REQUESTS_PER_CALL]
-            try:
-                results = await self._write(batch, line)
-            except Exception as exc:
-                # Every request of the call fails: none is answered 200 without its own write.
-                failure = exc if isinstance(exc, StorageUnavailable) else StorageUnavailable(repr(exc))
-                for request in batch:
-                    if not request.done.done():
-                        request.done.set_exception(failure)
-                continue
-            for request, result in zip(batch, results, strict=True):
+            _Call(self, self._idle_lines.pop(), batch).start()
+
+    def _finish(self, call: _Call, outcome: Replies | Exception) -> None:
+        """Settle every request of ``call``, then give its line the next group."""
+        if call.settled:
+            return
+        call.settled = True
+        try:
+            if isinstance(outcome, Exception):
+                raise outcome
+            results = self._results(call.batch, outcome)
+        except Exception as exc:
+            # Every request of the call fails: none is answered 200 without its own write.
+            failure = exc if isinstance(exc, StorageUnavailable) else StorageUnavailable(repr(exc))
+            for request in call.batch:
+                if not request.done.done():
+                    request.done.set_exception(failure)
+        else:
+            for request, result in zip(call.batch, results, strict=True):
                 if not request.done.done():
                     request.done.set_result(result)
+        self._idle_lines.append(call.line)
+        self._dispatch()
+        finished = self._finished
+        if finished is not None and not finished.done() and len(self._idle_lines) == len(self._lines):
+            finished.set_result(None)
 
-    async def _write(self, batch: list[_Request], line: ScriptLine | None) -> list[RecordResult]:
+    def _command(self, batch: list[_Request]) -> tuple[list[str], list[str | bytes]]:
+        """KEYS and ARGV of one ``record.lua`` call for ``batch``."""
         keys = [self._keys.events, self._keys.dead_letters]
         seen = self._keys.seen
         events: list[list[str]] = []
@@ -150,13 +167,17 @@ class StreamRecorder:
             for letter in request.letters:
                 letters.append([part for item in letter.stream_fields(request.received_at).items() for part in item])
         document = orjson.dumps({"names": EVENT_FIELDS, "events": events, "letters": letters})
-        args: list[str | bytes] = [self._ttl, str(self._dead_maxlen), document]
-        try:
-            reply = await self._call_on(line, keys, args) if line is not None and self._lines else None
-            if reply is None:
-                reply = await self._call(keys, args)
-        except RedisError as exc:
-            raise StorageUnavailable(f"recording failed: {type(exc).__name__}: {exc}") from exc
+        return keys, [self._ttl, str(self._dead_maxlen), document]
+
+    def _results(self, batch: list[_Request], replies: Replies) -> list[RecordResult]:
+        """Each request's counts from the script's reply; raises ``StorageUnavailable`` for a refused call."""
+        reply = replies[0]
+        if isinstance(reply, hiredis.ReplyError | Exception):
+            raise StorageUnavailable(f"recording refused by Redis: {str(reply)[:200]}")
+        if self._min_replicas > 0:
+            replicas = replies[1]
+            if isinstance(replicas, hiredis.ReplyError) or int(replicas) < self._min_replicas:
+                raise StorageUnavailable(f"write reached {replicas} of {self._min_replicas} required replicas")
         statuses, dead_len = reply[:-1], int(reply[-1])
         if dead_len >= self._dead_maxlen:
             self.dead_letter_cap_reached += 1
@@ -170,48 +191,91 @@ class StreamRecorder:
             results.append(RecordResult(appended, len(mine) - appended, len(request.letters)))
         return results
 
-    async def _call_on(self, line: ScriptLine, keys: list[str], args: list[str | bytes]) -> list[int] | None:
-        """The script call (and WAIT) on the recorder's own connection; ``None`` when that is unsupported."""
-        commands: list[tuple[Any, ...]] = [("EVALSHA", self._script.sha, len(keys), *keys, *args)]
-        if self._min_replicas > 0:
-            # WAIT covers the writes of its own connection, so it follows the script on the same one.
-            commands.append(("WAIT", self._min_replicas, self._replica_timeout_ms))
+    async def _call_with_client(self, keys: list[str], args: list[str | bytes]) -> Replies:
+        """The same call through redis-py's client: for a redis-py whose connections cannot be lines."""
         try:
-            replies = await line.exchange(commands)
-            if _is_noscript(replies[0]):  # Redis restarted or SCRIPT FLUSH: nothing ran; load and call again
-                replies = (await line.exchange([("SCRIPT", "LOAD", self._script.script), *commands]))[1:]
-        except Unsupported as exc:
-            logger.warning("recording through the client instead of a connection of its own: %s", exc)
-            self._lines = None
-            return None
-        reply = replies[0]
-        if isinstance(reply, hiredis.ReplyError):
-            raise StorageUnavailable(f"recording refused by Redis: {str(reply)[:200]}")
-        if self._min_replicas > 0:
-            replicas = replies[1]
-            if isinstance(replicas, hiredis.ReplyError) or int(replicas) < self._min_replicas:
-                raise StorageUnavailable(f"write reached {replicas} of {self._min_replicas} required replicas")
-        return reply  # type: ignore[no-any-return]
-
-    async def _call(self, keys: list[str], args: list[str | bytes]) -> list[int]:
-        if self._min_replicas <= 0:
-            return await self._script(keys=keys, args=args)  # type: ignore[no-any-return]
-        # WAIT covers the writes of its own connection, so the script and WAIT share one pipeline.
-        for attempt in (1, 2):
-            try:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    pipe.evalsha(self._script.sha, len(keys), *keys, *args)
-                    pipe.wait(self._min_replicas, self._replica_timeout_ms)
-                    reply, replicas = await pipe.execute()
-            except NoScriptError:
-                if attempt == 2:
-                    raise
-                await self._redis.script_load(self._script.script)
-                continue
-            if int(replicas) < self._min_replicas:
-                raise StorageUnavailable(f"write reached {replicas} of {self._min_replicas} required replicas")
-            return reply  # type: ignore[no-any-return]
+            if self._min_replicas <= 0:
+                return [await self._script(keys=keys, args=args)]
+            # WAIT covers the writes of its own connection, so the script and WAIT share one pipeline.
+            for attempt in (1, 2):
+                try:
+                    async with self._redis.pipeline(transaction=False) as pipe:
+                        pipe.evalsha(self._script.sha, len(keys), *keys, *args)
+                        pipe.wait(self._min_replicas, self._replica_timeout_ms)
+                        return list(await pipe.execute())
+                except NoScriptError:
+                    if attempt == 2:
+                        raise
+                    await self._redis.script_load(self._script.script)
+        except RedisError as exc:
+            raise StorageUnavailable(f"recording failed: {type(exc).__name__}: {exc}") from exc
         raise AssertionError("unreachable")
+
+
+class _Call:
+    """One script call for a group of requests, on one line: connect if need be, send, read, settle.
+
+    A lost script (Redis restarted, ``SCRIPT FLUSH``) is loaded and the call sent again; a connection
+    that turns out to have been closed since its last use is made again and the call sent again, once.
+    """
+
+    def __init__(self, recorder: StreamRecorder, line: ScriptLine, batch: list[_Request]) -> None:
+        self.recorder = recorder
+        self.line = line
+        self.batch = batch
+        self.keys, self.args = recorder._command(batch)
+        script = recorder._script.sha
+        self.commands: list[tuple[Any, ...]] = [("EVALSHA", script, len(self.keys), *self.keys, *self.args)]
+        if recorder._min_replicas > 0:
+            # WAIT covers the writes of its own connection, so it follows the script on the same one.
+            self.commands.append(("WAIT", recorder._min_replicas, recorder._replica_timeout_ms))
+        self.reconnected = False
+        self.reloaded = False
+        self.settled = False
+
+    def start(self) -> None:
+        if self.line.connected and not self.recorder._use_client:
+            self.line.send(self.commands, self._on_reply)
+            return
+        task = asyncio.get_running_loop().create_task(self._connect_and_send())
+        self.recorder._tasks.add(task)
+        task.add_done_callback(self.recorder._tasks.discard)
+
+    async def _connect_and_send(self) -> None:
+        recorder = self.recorder
+        try:
+            if not recorder._use_client:
+                try:
+                    await self.line.connect()
+                except Unsupported as exc:
+                    logger.warning("recording through the client instead of connections of its own: %s", exc)
+                    recorder._use_client = True
+            if recorder._use_client:
+                recorder._finish(self, await recorder._call_with_client(self.keys, self.args))
+                return
+        except Exception as exc:
+            recorder._finish(self, exc)
+            return
+        self.line.send(self.commands, self._on_reply)
+
+    def _on_reply(self, replies: Replies | StorageUnavailable) -> None:
+        try:
+            if isinstance(replies, LostConnection) and replies.reused and not self.reconnected:
+                self.reconnected = True
+                self.start()
+            elif isinstance(replies, StorageUnavailable):
+                self.recorder._finish(self, replies)
+            elif _is_noscript(replies[0]) and not self.reloaded:  # nothing ran: load the script, call again
+                self.reloaded = True
+                load: tuple[Any, ...] = ("SCRIPT", "LOAD", self.recorder._script.script)
+                self.line.send([load, *self.commands], self._after_load)
+            else:
+                self.recorder._finish(self, replies)
+        except Exception as exc:  # never let a failure escape into the connection's callback
+            self.recorder._finish(self, exc)
+
+    def _after_load(self, replies: Replies | StorageUnavailable) -> None:
+        self._on_reply(replies if isinstance(replies, StorageUnavailable) else replies[1:])
 
 
 def _is_noscript(reply: object) -> bool:

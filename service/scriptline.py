@@ -1,86 +1,164 @@
-"""A dedicated Redis connection for the recorder's script calls, with hiredis packing and parsing.
+"""A dedicated Redis connection for the recorder's script calls: hiredis packs the commands, hiredis parses
+the replies, and each reply is handed to its sender's callback in the very callback that read it.
 
 redis-py's per-command machinery (pool checkout, retry wrapper, observability hooks, a timer per read)
-costs the client several times what packing a call and parsing its reply do: about 150 µs of CPU per
-group-commit call, the single largest share of the receiver's own work per request after parsing
-(measured with ``bench/``). The line keeps redis-py for everything a connection needs to be made
-(address, TLS, AUTH, HELLO, SELECT: whatever the URL says) and only then writes packed commands to
-the connection's stream and feeds the replies to its own ``hiredis.Reader``.
+costs the client several times what packing a call and parsing its reply do (about 150 µs of CPU per
+group-commit call, measured with ``bench/``), and an awaited reply reaches the requests waiting on it
+one event-loop turn later than a callback does; under load a turn is a millisecond or more. The line
+keeps redis-py for making the connection (address, TLS, AUTH, HELLO, SELECT: whatever the URL says),
+then takes its transport over.
 
-Only the connection's owner uses it, one exchange at a time: replies are matched to commands by order,
-and any failure mid-exchange drops the connection, so a late reply can never be taken for the next
-call's.
+Replies are matched to commands by order. Any failure (connection lost, unreadable reply, timeout)
+fails every exchange waiting on that connection and closes it, so a late reply can never be taken for
+another exchange's; the next ``connect`` makes a new one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import hiredis
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import RedisError
 
 from service.errors import StorageUnavailable
 
-_READ_SIZE = 1 << 16
+Replies = list[Any]
+OnReply = Callable[[Replies | StorageUnavailable], None]
 
 
 class Unsupported(RuntimeError):
-    """This redis-py's connections do not expose their streams; the caller uses the client instead."""
+    """This redis-py's connections do not expose their transport; the caller uses the client instead."""
+
+
+class LostConnection(StorageUnavailable):
+    """The connection closed before the replies came. ``reused``: it had served earlier exchanges, so it may
+    just have been closed by Redis since (a restart, a client timeout), and one try on a new one is worth it."""
+
+    def __init__(self, message: str, *, reused: bool) -> None:
+        super().__init__(message)
+        self.reused = reused
+
+
+@dataclass(slots=True)
+class _Exchange:
+    count: int
+    on_reply: OnReply
+    timer: asyncio.TimerHandle
+    reused: bool
+    replies: Replies = field(default_factory=list)
+
+
+class _Wire(asyncio.Protocol):
+    """The protocol of one connection: its waiting exchanges, in order."""
+
+    def __init__(self, transport: asyncio.Transport, timeout: float) -> None:
+        self.transport = transport
+        self.timeout = timeout
+        self.waiting: deque[_Exchange] = deque()
+        self.parser = hiredis.Reader()
+        self.closed = False
+        self.used = False
+
+    def send(self, packed: bytes, count: int, on_reply: OnReply) -> None:
+        timer = asyncio.get_running_loop().call_later(self.timeout, self._timed_out)
+        self.waiting.append(_Exchange(count, on_reply, timer, self.used))
+        self.transport.write(packed)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed(data)
+            while self.waiting:
+                exchange = self.waiting[0]
+                while len(exchange.replies) < exchange.count:
+                    reply = self.parser.gets()
+                    if reply is False:
+                        return
+                    exchange.replies.append(reply)
+                self.waiting.popleft()
+                exchange.timer.cancel()
+                self.used = True
+                exchange.on_reply(exchange.replies)  # may send the next exchange on this wire
+        except hiredis.ProtocolError as exc:
+            self.fail(StorageUnavailable(f"unreadable reply from Redis: {exc}"))
+
+    def eof_received(self) -> bool:
+        return False  # close; connection_lost fails what is waiting
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        detail = f": {type(exc).__name__}: {exc}" if exc else ""
+        self.fail(None, detail)
+
+    def fail(self, error: StorageUnavailable | None, detail: str = "") -> None:
+        """Close the connection and fail every exchange waiting on it (``None``: with ``LostConnection``)."""
+        self.closed = True
+        waiting, self.waiting = self.waiting, deque()
+        with contextlib.suppress(Exception):
+            self.transport.close()
+        for exchange in waiting:
+            exchange.timer.cancel()
+            exchange.on_reply(error or LostConnection(f"Redis closed the connection{detail}", reused=exchange.reused))
+
+    def _timed_out(self) -> None:
+        self.fail(StorageUnavailable(f"script call timed out after {self.timeout:g} s"))
 
 
 class ScriptLine:
-    """Pipelined exchanges on one connection of its own, made from the client's pool settings."""
+    """One connection of the recorder's own, made from the client's pool settings."""
 
     def __init__(self, redis: Redis, *, timeout: float) -> None:
         self._pool = redis.connection_pool
         self._timeout = timeout
         self._connection: AbstractConnection | None = None
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._parser = hiredis.Reader()
-        self._fresh_failure = False
+        self._wire: _Wire | None = None
 
-    async def exchange(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """Send ``commands`` in one write; return their replies in order (error replies as ``hiredis.ReplyError``).
+    @property
+    def connected(self) -> bool:
+        return self._wire is not None and not self._wire.closed
 
-        A connection that turns out to be closed is made again once (a restarted Redis costs no request);
-        any other failure, or a timeout, raises ``StorageUnavailable`` and drops the connection.
-        """
-        packed = b"".join([hiredis.pack_command(command) for command in commands])
-        for attempt in (1, 2):
-            try:
-                async with asyncio.timeout(self._timeout):
-                    return await self._exchange(packed, len(commands))
-            except (ConnectionError, EOFError, asyncio.IncompleteReadError) as exc:
-                self.drop()
-                if attempt == 2 or not self._fresh_failure:
-                    raise StorageUnavailable(f"script call failed: {type(exc).__name__}: {exc}") from exc
-            except TimeoutError as exc:
-                self.drop()
-                raise StorageUnavailable(f"script call timed out after {self._timeout:g} s") from exc
-            except (OSError, RedisError, hiredis.ProtocolError) as exc:
-                self.drop()
-                raise StorageUnavailable(f"script call failed: {type(exc).__name__}: {exc}") from exc
-            except BaseException:
-                self.drop()  # cancelled mid-exchange: its replies may still come, so the connection goes
-                raise
-        raise AssertionError("unreachable")
+    async def connect(self) -> None:
+        """(Re)connect. Raises ``StorageUnavailable`` when Redis cannot be reached, ``Unsupported`` when this
+        redis-py's connection has no transport to take over."""
+        self.drop()
+        connection: AbstractConnection = self._pool.connection_class(**self._pool.connection_kwargs)
+        try:
+            await connection.connect()  # type: ignore[no-untyped-call]
+            writer = getattr(connection, "_writer", None)
+            transport = getattr(writer, "transport", None)  # uvloop's transports are not asyncio.Transport subclasses
+            if not all(hasattr(transport, name) for name in ("set_protocol", "write", "close", "is_closing")):
+                raise Unsupported(f"{type(connection).__name__} does not expose its transport")
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                await connection.disconnect()
+            if isinstance(exc, Exception) and not isinstance(exc, Unsupported | StorageUnavailable):
+                raise StorageUnavailable(f"connecting for script calls failed: {type(exc).__name__}: {exc}") from exc
+            raise
+        self._connection = connection
+        self._wire = _Wire(transport, self._timeout)  # type: ignore[arg-type]
+        transport.set_protocol(self._wire)  # type: ignore[union-attr]
+
+    def send(self, commands: list[tuple[Any, ...]], on_reply: OnReply) -> None:
+        """Send ``commands`` in one write; ``on_reply`` gets their replies in order (error replies as
+        ``hiredis.ReplyError``) or a ``StorageUnavailable``. Only on a ``connected`` line."""
+        wire = self._wire
+        assert wire is not None
+        assert not wire.closed
+        wire.send(b"".join([hiredis.pack_command(command) for command in commands]), len(commands), on_reply)
 
     def drop(self) -> None:
-        """Close the connection now (without waiting); the next exchange makes a new one."""
-        connection, writer = self._connection, self._writer
-        self._connection, self._reader, self._writer = None, None, None
-        self._parser = hiredis.Reader()
-        with contextlib.suppress(Exception):
-            close = getattr(connection, "_close", None)  # redis-py's own silent close: stream closed and forgotten
-            if callable(close):
-                close()
-            elif writer is not None:
-                writer.close()
+        """Close the connection now; what waits on it fails."""
+        wire, self._wire = self._wire, None
+        if wire is not None:
+            wire.fail(StorageUnavailable("connection closed by the recorder"))
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                connection._close()  # type: ignore[no-untyped-call]  # redis-py's own silent close of its streams
 
     async def close(self) -> None:
         connection = self._connection
@@ -88,44 +166,3 @@ class ScriptLine:
         if connection is not None:
             with contextlib.suppress(Exception):
                 await connection.disconnect()
-
-    async def _exchange(self, packed: bytes, count: int) -> list[Any]:
-        self._fresh_failure = False
-        if self._writer is None or self._reader is None or self._reader.at_eof():
-            await self._connect()
-        else:
-            # An established connection may have been closed by Redis since its last use (restart, idle
-            # timeout): that shows only now, and is worth one retry on a new connection.
-            self._fresh_failure = True
-        reader, writer, parser = self._reader, self._writer, self._parser
-        assert reader is not None
-        assert writer is not None
-        writer.write(packed)
-        replies: list[Any] = []
-        while len(replies) < count:
-            reply = parser.gets()
-            if reply is False:
-                data = await reader.read(_READ_SIZE)
-                if not data:
-                    raise EOFError("Redis closed the connection")
-                parser.feed(data)
-                continue
-            self._fresh_failure = False
-            replies.append(reply)
-        return replies
-
-    async def _connect(self) -> None:
-        self.drop()
-        connection: AbstractConnection = self._pool.connection_class(**self._pool.connection_kwargs)
-        try:
-            await connection.connect()  # type: ignore[no-untyped-call]
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await connection.disconnect()
-            raise
-        reader, writer = getattr(connection, "_reader", None), getattr(connection, "_writer", None)
-        if not isinstance(reader, asyncio.StreamReader) or not isinstance(writer, asyncio.StreamWriter):
-            with contextlib.suppress(Exception):
-                await connection.disconnect()
-            raise Unsupported(f"{type(connection).__name__} does not expose its streams")
-        self._connection, self._reader, self._writer = connection, reader, writer

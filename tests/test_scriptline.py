@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import redis as redis_sync
+import uvloop
 from redis.asyncio import Redis
 
 from service.client import make_redis
@@ -72,7 +73,7 @@ async def test_unsupported_connections_fall_back_to_the_client(
     async def no_streams(self: ScriptLine) -> None:
         raise Unsupported("no streams here")
 
-    monkeypatch.setattr(ScriptLine, "_connect", no_streams)
+    monkeypatch.setattr(ScriptLine, "connect", no_streams)
     results = await asyncio.gather(*(recorder.record([make_event(n)], [], "t") for n in range(20)))
     assert sum(r.accepted for r in results) == 20
     assert (await recorder.record([make_event(1)], [], "t")).duplicates == 1
@@ -122,3 +123,23 @@ async def test_a_stalled_redis_times_out(own_redis: EmbeddedRedis) -> None:
         sync.close()
         await recorder.close()
         await client.aclose()
+
+
+def test_lines_are_used_under_uvloop(redis_url: str, sync_redis: redis_sync.Redis) -> None:
+    """uvicorn runs the service on uvloop, whose transports are not ``asyncio.Transport``s: the lines must
+    still take them over rather than fall back to the client."""
+
+    async def record_some() -> tuple[int, bool]:
+        client = make_redis(redis_url, timeout=2.0)
+        recorder = StreamRecorder(client, Keys())
+        try:
+            results = await asyncio.gather(*(recorder.record([make_event(n)], [], "t") for n in range(10)))
+            return sum(r.accepted for r in results), recorder._use_client
+        finally:
+            await recorder.close()
+            await client.aclose()
+
+    accepted, used_client = uvloop.run(record_some())
+    assert accepted == 10
+    assert used_client is False
+    assert sync_redis.xlen("qbo:events") == 10
