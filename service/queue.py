@@ -127,7 +127,18 @@ class StreamRecorder:
         while self._queue and self._idle_lines:
             batch = self._queue[:MAX_REQUESTS_PER_CALL]
             del self._queue[:MAX_REQUESTS_PER_CALL]
-            _Call(self, self._idle_lines.pop(), batch).start()
+            line = self._idle_lines.pop()
+            try:
+                call = _Call(self, line, batch)
+            except Exception as exc:  # not expected: the group fails (503, logged), the line takes the next one
+                logger.exception("building a script call failed")
+                self._idle_lines.append(line)
+                failure = StorageUnavailable(f"recording failed: {type(exc).__name__}")
+                for request in batch:
+                    if not request.done.done():
+                        request.done.set_exception(failure)
+                continue
+            call.start()
 
     def _finish(self, call: _Call, outcome: Replies | Exception) -> None:
         """Settle every request of ``call``, then give its line the next group."""

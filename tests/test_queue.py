@@ -10,6 +10,8 @@ import pytest
 import redis as redis_sync
 from redis.asyncio import Redis
 
+from service import queue
+from service.errors import StorageUnavailable
 from service.keys import Keys
 from service.models import DeadLetter, DeadLetterReason, Event
 from service.queue import StreamRecorder
@@ -92,3 +94,20 @@ async def test_dead_letter_stream_is_capped(recorders: Recorders, sync_redis: re
         await recorder.record([], [letter(n) for _ in range(10)], "t")
     assert sync_redis.xlen("qbo:events:dead") < 300
     assert recorder.dead_letter_cap_reached > 0
+
+
+async def test_a_call_that_cannot_be_built_fails_its_group_only(
+    recorders: Recorders, sync_redis: redis_sync.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorder = recorders()
+    original = queue._Call.__init__
+
+    def broken(self: queue._Call, owner: StreamRecorder, line: Any, batch: list[Any]) -> None:
+        raise ValueError("cannot build")
+
+    monkeypatch.setattr(queue._Call, "__init__", broken)
+    with pytest.raises(StorageUnavailable):
+        await recorder.record([make_event(1)], [], "t")
+    monkeypatch.setattr(queue._Call, "__init__", original)
+    assert (await recorder.record([make_event(2)], [], "t")).accepted == 1  # the line was given back
+    assert sync_redis.xlen("qbo:events") == 1
