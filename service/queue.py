@@ -23,7 +23,7 @@ from redis.exceptions import NoScriptError, RedisError
 from service.errors import StorageUnavailable
 from service.keys import Keys
 from service.models import EVENT_FIELDS, DeadLetter, Event
-from service.scriptline import LostConnection, Replies, ScriptLine, Unsupported
+from service.scriptline import Replies, ScriptLine, Unsupported
 
 logger = logging.getLogger(__name__)
 
@@ -226,8 +226,8 @@ class StreamRecorder:
 class _Call:
     """One script call for a group of requests, on one line: connect if need be, send, read, settle.
 
-    A lost script (Redis restarted, ``SCRIPT FLUSH``) is loaded and the call sent again; a connection
-    that turns out to have been closed since its last use is made again and the call sent again, once.
+    A lost script (Redis restarted, ``SCRIPT FLUSH``) is loaded and the call sent again: nothing ran. A lost
+    connection fails the group; a line whose connection closed while idle makes a new one before sending.
     """
 
     def __init__(self, recorder: StreamRecorder, line: ScriptLine, batch: list[_Request]) -> None:
@@ -240,7 +240,6 @@ class _Call:
         if recorder._min_replicas > 0:
             # WAIT covers the writes of its own connection, so it follows the script on the same one.
             self.commands.append(("WAIT", recorder._min_replicas, recorder._replica_timeout_ms))
-        self.reconnected = False
         self.reloaded = False
         self.settled = False
 
@@ -271,10 +270,10 @@ class _Call:
 
     def _on_reply(self, replies: Replies | StorageUnavailable) -> None:
         try:
-            if isinstance(replies, LostConnection) and replies.reused and not self.reconnected:
-                self.reconnected = True
-                self.start()
-            elif isinstance(replies, StorageUnavailable):
+            if isinstance(replies, StorageUnavailable):
+                # Never sent again: Redis may have run the script before the connection went (a second run would
+                # append its dead letters twice and report its events as duplicates). The group gets 503s and
+                # Intuit's retry goes through dedupe; the next call makes a new connection.
                 self.recorder._finish(self, replies)
             elif _is_noscript(replies[0]) and not self.reloaded:  # nothing ran: load the script, call again
                 self.reloaded = True

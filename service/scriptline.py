@@ -37,12 +37,7 @@ class Unsupported(RuntimeError):
 
 
 class LostConnection(StorageUnavailable):
-    """The connection closed before the replies came. ``reused``: it had served earlier exchanges, so it may
-    just have been closed by Redis since (a restart, a client timeout), and one try on a new one is worth it."""
-
-    def __init__(self, message: str, *, reused: bool) -> None:
-        super().__init__(message)
-        self.reused = reused
+    """The connection closed before the replies came (whether Redis ran the commands is unknown)."""
 
 
 @dataclass(slots=True)
@@ -50,7 +45,6 @@ class _Exchange:
     count: int
     on_reply: OnReply
     timer: asyncio.TimerHandle
-    reused: bool
     replies: Replies = field(default_factory=list)
 
 
@@ -63,11 +57,10 @@ class _Wire(asyncio.Protocol):
         self.waiting: deque[_Exchange] = deque()
         self.parser = hiredis.Reader()
         self.closed = False
-        self.used = False
 
     def send(self, packed: bytes, count: int, on_reply: OnReply) -> None:
         timer = asyncio.get_running_loop().call_later(self.timeout, self._timed_out)
-        self.waiting.append(_Exchange(count, on_reply, timer, self.used))
+        self.waiting.append(_Exchange(count, on_reply, timer))
         self.transport.write(packed)
 
     def data_received(self, data: bytes) -> None:
@@ -82,7 +75,6 @@ class _Wire(asyncio.Protocol):
                     exchange.replies.append(reply)
                 self.waiting.popleft()
                 exchange.timer.cancel()
-                self.used = True
                 exchange.on_reply(exchange.replies)  # may send the next exchange on this wire
         except hiredis.ProtocolError as exc:
             self.fail(StorageUnavailable(f"unreadable reply from Redis: {exc}"))
@@ -102,7 +94,7 @@ class _Wire(asyncio.Protocol):
             self.transport.close()
         for exchange in waiting:
             exchange.timer.cancel()
-            exchange.on_reply(error or LostConnection(f"Redis closed the connection{detail}", reused=exchange.reused))
+            exchange.on_reply(error or LostConnection(f"Redis closed the connection{detail}"))
 
     def _timed_out(self) -> None:
         self.fail(StorageUnavailable(f"script call timed out after {self.timeout:g} s"))

@@ -18,7 +18,7 @@ from service.errors import StorageUnavailable
 from service.keys import Keys
 from service.queue import StreamRecorder
 from service.scriptline import ScriptLine, Unsupported
-from tests.test_queue import make_event
+from tests.test_queue import letter, make_event
 from tests.test_redis_outage import free_port
 
 
@@ -50,13 +50,35 @@ async def test_a_flushed_script_is_loaded_again(recorder: StreamRecorder, sync_r
     assert sync_redis.xlen("qbo:events") == 2
 
 
-async def test_a_killed_connection_costs_no_request(recorder: StreamRecorder, sync_redis: redis_sync.Redis) -> None:
+async def test_a_connection_closed_while_idle_is_made_again(
+    recorder: StreamRecorder, sync_redis: redis_sync.Redis
+) -> None:
     await recorder.record([make_event(1)], [], "t")
     for client in recorder_clients(sync_redis):
         sync_redis.client_kill_filter(_id=client["id"])
-    result = await recorder.record([make_event(2)], [], "t")  # one retry on a new connection
+    await asyncio.sleep(0.05)  # the line sees its connection close
+    result = await recorder.record([make_event(2)], [], "t")
     assert result.accepted == 1
     assert sync_redis.xlen("qbo:events") == 2
+
+
+async def test_a_connection_lost_mid_call_fails_its_group_and_is_not_sent_again(
+    recorder: StreamRecorder, sync_redis: redis_sync.Redis
+) -> None:
+    """Redis may have run the script before the connection went: sending it again would append its dead
+    letters twice. The group gets StorageUnavailable (503); Intuit's retry goes through dedupe."""
+    await recorder.record([make_event(1)], [], "t")
+    sync_redis.client_pause(1000, all=False)  # the next call waits in Redis ...
+    pending = asyncio.create_task(recorder.record([make_event(2)], [letter(2)], "t"))
+    await asyncio.sleep(0.2)
+    for client in recorder_clients(sync_redis):
+        sync_redis.client_kill_filter(_id=client["id"])  # ... and its connection goes
+    with pytest.raises(StorageUnavailable):
+        await pending
+    sync_redis.client_unpause()
+    await asyncio.sleep(0.1)
+    assert sync_redis.xlen("qbo:events:dead") <= 1  # at most the one run Redis may have made
+    assert (await recorder.record([make_event(3)], [], "t")).accepted == 1
 
 
 async def test_a_refused_call_is_storage_unavailable(recorder: StreamRecorder, sync_redis: redis_sync.Redis) -> None:
