@@ -34,7 +34,9 @@ def register(sub: Any) -> None:
     consume.add_argument("--consumer", help="this worker's consumer name (default: <host>-<pid>)")
     consume.add_argument("--concurrency", type=positive_int, default=1, help="handlers running at once (default 1)")
     consume.add_argument("--max-deliveries", type=positive_int, default=5, help="then dead-letter (default 5)")
-    consume.add_argument("--claim-idle", type=_positive_float, default=60.0, help="reclaim after S idle seconds")
+    consume.add_argument(
+        "--claim-idle", type=_positive_float, default=60.0, help="reclaim entries idle S seconds (default 60)"
+    )
     consume.add_argument("--drain-timeout", type=_positive_float, default=30.0, help="on SIGTERM/SIGINT (default 30)")
     consume.add_argument("--from-end", action="store_true", help="a new group starts at the end, not the start")
     consume.set_defaults(command=cmd_consume)
