@@ -13,7 +13,8 @@ from typing import Any, cast
 
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.client import NEVER_DECODE
+from redis.exceptions import NoScriptError, RedisError
 
 from service.crypto import SecretBox
 from service.errors import DecryptionError, EncryptionRequired, StorageUnavailable
@@ -138,17 +139,29 @@ class ConnectionStore:
         self._known_tokens_expire = 0.0
 
     async def _read_routes(self, realm_ids: list[str]) -> dict[str, RealmRoute | None]:
+        keys = [self._keys.connection(r) for r in realm_ids]
         try:
             async with self._reads:
-                replies = await self._load_routes(keys=[self._keys.connection(r) for r in realm_ids])
+                # Read as bytes and decoded value by value: one connection holding bytes that are not UTF-8
+                # must cost only its own realm (read as unusable), never every delivery naming it (503s).
+                try:
+                    replies = await self._redis.execute_command(  # type: ignore[no-untyped-call]
+                        "EVALSHA", self._load_routes.sha, len(keys), *keys, **{NEVER_DECODE: True}
+                    )
+                except NoScriptError:
+                    await self._redis.script_load(self._load_routes.script)
+                    replies = await self._redis.execute_command(  # type: ignore[no-untyped-call]
+                        "EVALSHA", self._load_routes.sha, len(keys), *keys, **{NEVER_DECODE: True}
+                    )
         except RedisError as exc:
             raise StorageUnavailable(f"reading connections failed: {type(exc).__name__}") from exc
         return {realm_id: self._route(realm_id, reply) for realm_id, reply in zip(realm_ids, replies, strict=True)}
 
     def _route(self, realm_id: str, reply: list[Any]) -> RealmRoute | None:
-        kind = reply[0]
+        kind = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
         if kind == "hash":
-            stored_token, environment = reply[1], reply[2]
+            stored_token = _text(realm_id, "webhook_verifier_token", reply[1])
+            environment = _text(realm_id, "environment", reply[2])
         elif kind == "string":
             data = _json_object(reply[1])
             if data is None:
@@ -284,10 +297,11 @@ class ConnectionStore:
         seen: dict[str, str] = {}
         async for key in self._redis.scan_iter(self._keys.connection_pattern, 500):
             realm_id = self._keys.realm_of(key)
-            data = await self._read_raw(realm_id)
-            token = self._usable_token(realm_id, data.get("webhook_verifier_token")) if data else None
-            if token:
-                seen[fingerprint(token)] = token
+            # Only the routing fields: another field holding bytes that are not UTF-8 (another writer's
+            # session blob) must not stop the scan for every tenant.
+            route = (await self._read_routes([realm_id]))[realm_id]
+            if route is not None and route.token:
+                seen[fingerprint(route.token)] = route.token
         for token in seen.values():
             await self.note_token(token, now)
         raw: dict[str, str] = await self._redis.hgetall(self._keys.verifier_tokens)  # type: ignore[assignment]
@@ -307,6 +321,17 @@ class ConnectionStore:
                 return _json_object(await self._redis.get(key))
         except RedisError as exc:
             raise StorageUnavailable(f"reading the connection failed: {type(exc).__name__}") from exc
+        return None
+
+
+def _text(realm_id: str, name: str, value: object) -> str | None:
+    """A stored value as text; bytes that are not UTF-8 are unusable (logged, never decoded into something else)."""
+    if not isinstance(value, bytes):
+        return value if isinstance(value, str) else None
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        logger.error("connection of realm %s: %s is not UTF-8 text; treated as missing", realm_id, name)
         return None
 
 

@@ -163,6 +163,16 @@ async def test_rebuild_finds_connections_written_by_others(redis: Redis, sync_re
     assert await s.realm_ids() == ["5", "6"]
 
 
+async def test_rebuild_is_not_stopped_by_a_field_that_is_not_utf8(redis: Redis, sync_redis: redis_sync.Redis) -> None:
+    """Another writer's binary session blob in one connection: every token is still indexed (SPEC §4.4)."""
+    sync_redis.hset("qbo:connection:5", mapping={"webhook_verifier_token": "tok-5", "oauth_session_data": b"\x80\x04"})
+    sync_redis.hset("qbo:connection:6", mapping={"webhook_verifier_token": "tok-6"})
+    sync_redis.hset("qbo:connection:7", mapping={"webhook_verifier_token": b"\xff\xfe"})  # unusable: skipped
+    s = store(redis)
+    assert await s.rebuild_token_index() == 2
+    assert set(await s.known_tokens()) == {"tok-5", "tok-6"}
+
+
 async def test_a_burst_of_cache_misses_waits_for_connections(redis_url: str, sync_redis: redis_sync.Redis) -> None:
     """More concurrent misses than pooled connections: they queue for a connection instead of failing."""
     import asyncio

@@ -388,6 +388,23 @@ def test_undecryptable_token_is_unusable_not_a_500(
     assert events(sync_redis) == []
 
 
+def test_bytes_that_are_not_utf8_cost_only_their_own_realm(client: TestClient, sync_redis: redis_sync.Redis) -> None:
+    """A connection another writer stored with bytes that are not UTF-8: never a 503 (Intuit would retry for
+    ever); the bad value is unusable, the rest of the connection and every other realm work as usual."""
+    register(sync_redis, "111", "tok")
+    sync_redis.hset("qbo:connection:222", mapping={"webhook_verifier_token": "tok", "environment": b"produc\xe9ion"})
+    sync_redis.hset("qbo:connection:333", mapping={"webhook_verifier_token": b"t\xffk"})
+    response = post(client, ce_body("222", "1") + b"", "tok")
+    assert response.status_code == 200, response.text
+    assert response.json()["accepted"] == 1
+    assert events(sync_redis)[-1]["environment"] == ""  # unreadable, so empty
+    mixed = orjson.dumps([orjson.loads(ce_body("111", "2"))[0], orjson.loads(ce_body("333", "3"))[0]])
+    response = post(client, mixed, "tok")
+    assert response.status_code == 200, response.text
+    assert response.json() == {"accepted": 1, "duplicates": 0, "dead_lettered": 1}
+    assert dead_letters(sync_redis)[-1]["reason"] == "unknown_realm"  # 333's token is unusable
+
+
 def test_secrets_never_reach_stream_entries_or_logs(
     client: TestClient, sync_redis: redis_sync.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
