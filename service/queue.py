@@ -245,7 +245,10 @@ class _Call:
 
     def start(self) -> None:
         if self.line.connected and not self.recorder._use_client:
-            self.line.send(self.commands, self._on_reply)
+            try:
+                self.line.send(self.commands, self._on_reply)
+            except Exception as exc:  # not expected (a closed connection reports through its callback)
+                self.recorder._finish(self, exc)
             return
         task = asyncio.get_running_loop().create_task(self._connect_and_send())
         self.recorder._tasks.add(task)
@@ -266,7 +269,10 @@ class _Call:
         except Exception as exc:
             recorder._finish(self, exc)
             return
-        self.line.send(self.commands, self._on_reply)
+        except BaseException:  # cancelled (shutdown): the group is failed, not left waiting
+            recorder._finish(self, StorageUnavailable("recording cancelled"))
+            raise
+        self.start()
 
     def _on_reply(self, replies: Replies | StorageUnavailable) -> None:
         try:
