@@ -6,6 +6,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +17,16 @@ from starlette.testclient import TestClient
 from service.app import create_app
 from service.embedded import EmbeddedRedis
 from service.settings import Settings
+from tests.procs import free_port
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    """A Redis of the test's own (TCP), for tests that kill, pause or restart it."""
+    server = EmbeddedRedis(tmp_path, port=free_port())
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -19,8 +19,8 @@ from service.embedded import EmbeddedRedis
 from service.errors import ConfigurationError
 from service.settings import Settings
 from tests.helpers import post, register
+from tests.procs import free_port
 from tests.test_http import ce_body
-from tests.test_redis_outage import free_port
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ import redis as redis_sync
 
 from service.embedded import EmbeddedRedis
 from tests.helpers import FIXTURES, REAL_TOKEN, entries
-from tests.test_redis_outage import free_port
+from tests.procs import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import socket
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 import redis as redis_sync
 from starlette.testclient import TestClient
 
@@ -21,20 +17,6 @@ from service.settings import Settings
 from tests.helpers import entries, post, register
 from tests.test_http import ce_body
 from tests.test_queue import make_event
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
-    server = EmbeddedRedis(tmp_path, port=free_port())
-    server.start()
-    yield server
-    server.stop()
 
 
 def test_redis_down_gives_503_and_recovers_without_restart(own_redis: EmbeddedRedis) -> None:

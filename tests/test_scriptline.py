@@ -4,8 +4,7 @@ restarted connections, refusals, and the fallback to the client when a connectio
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import pytest
 import redis as redis_sync
@@ -19,7 +18,6 @@ from service.keys import Keys
 from service.queue import StreamRecorder
 from service.scriptline import ScriptLine, Unsupported
 from tests.test_queue import letter, make_event
-from tests.test_redis_outage import free_port
 
 
 @pytest.fixture
@@ -100,14 +98,6 @@ async def test_unsupported_connections_fall_back_to_the_client(
     assert sum(r.accepted for r in results) == 20
     assert (await recorder.record([make_event(1)], [], "t")).duplicates == 1
     assert sync_redis.xlen("qbo:events") == 20
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
-    server = EmbeddedRedis(tmp_path, port=free_port())
-    server.start()
-    yield server
-    server.stop()
 
 
 async def test_a_restarted_redis_costs_no_request(own_redis: EmbeddedRedis) -> None:
