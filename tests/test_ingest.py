@@ -93,7 +93,12 @@ async def test_cached_and_general_paths_give_the_same_outcome(
     assert cold.store.cached(list(TOKENS)) is None
     warm_outcomes = await outcomes(warm.ingestor)
     cold_outcomes = await outcomes(cold.ingestor)
-    assert warm_outcomes == cold_outcomes
+    # The first and the last delivery carry the same event. The batch writes in arrival order; on the general
+    # path each delivery first reads its routes, so which copy is written first depends on which read returns
+    # first. One of the two is accepted and the other is its duplicate either way.
+    first, *middle, last = cold_outcomes
+    assert middle == warm_outcomes[1:-1]
+    assert sorted([repr(first), repr(last)]) == sorted([repr(warm_outcomes[0]), repr(warm_outcomes[-1])])
     assert [o if isinstance(o, str) else (o.accepted, o.duplicates, o.dead_lettered) for o in warm_outcomes] == [
         (1, 0, 0),
         (2, 0, 0),
