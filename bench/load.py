@@ -30,19 +30,25 @@ DRAIN_SECONDS = 10.0
 
 @dataclass
 class Tally:
-    """What the responses said: statuses, the counts 200 bodies report, latencies of the measured window."""
+    """What the responses said: statuses and the counts 200 bodies report."""
 
     statuses: Counter[int] = field(default_factory=Counter)
     accepted: int = 0
     duplicates: int = 0
     dead_lettered: int = 0
-    latencies_ns: list[int] = field(default_factory=list)
 
-    def add_body(self, body: bytes) -> None:
-        counts = orjson.loads(body)
-        self.accepted += int(counts.get("accepted", 0))
-        self.duplicates += int(counts.get("duplicates", 0))
-        self.dead_lettered += int(counts.get("dead_lettered", 0))
+    @classmethod
+    def of(cls, answers: list[tuple[int, bytes]]) -> Tally:
+        """The tally of ``(status, body)`` answers (status 0: the connection was lost)."""
+        tally = cls()
+        for status, body in answers:
+            tally.statuses[status] += 1
+            if status == 200:
+                counts = orjson.loads(body)
+                tally.accepted += int(counts.get("accepted", 0))
+                tally.duplicates += int(counts.get("duplicates", 0))
+                tally.dead_lettered += int(counts.get("dead_lettered", 0))
+        return tally
 
 
 class Connection(asyncio.Protocol):
@@ -58,6 +64,7 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport, hence a cast rather than an isinstance check.
         self.transport = cast("asyncio.Transport", transport)
+        self.owner.connections.append(self)
         self.owner.send_next(self)
 
     def send(self, request: bytes) -> None:
@@ -67,22 +74,26 @@ class Connection(asyncio.Protocol):
         self.transport.write(request)
 
     def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        end = self.buffer.find(b"\r\n\r\n")
+        # The load generator shares a core with Redis (SPEC §8), so its per-response work is kept small: no
+        # copies of the head (uvicorn writes header names lower-cased), bodies tallied after the run.
+        buffer = self.buffer
+        buffer += data
+        end = buffer.find(b"\r\n\r\n")
         if end < 0:
             return
-        head = bytes(self.buffer[:end]).lower()
         length = 0
-        marker = head.find(b"content-length:")
+        marker = buffer.find(b"content-length:", 0, end)
+        if marker < 0:
+            marker = bytes(buffer[:end]).lower().find(b"content-length:")
         if marker >= 0:
-            stop = head.find(b"\r\n", marker)
-            length = int(head[marker + 15 : stop if stop >= 0 else len(head)])
+            stop = buffer.find(b"\r\n", marker, end)
+            length = int(buffer[marker + 15 : stop if stop >= 0 else end])
         total = end + 4 + length
-        if len(self.buffer) < total:
+        if len(buffer) < total:
             return
-        status = int(head[9:12])
-        body = bytes(self.buffer[end + 4 : total])
-        del self.buffer[:total]
+        status = int(buffer[9:12])
+        body = bytes(buffer[end + 4 : total])
+        del buffer[:total]
         self.busy = False
         self.owner.completed(self, status, body, time.perf_counter_ns() - self.sent_at)
 
@@ -100,8 +111,9 @@ class LoadGenerator:
         self.sent = 0
         self.sending = True
         self.measuring = False
-        self.window = Tally()  # responses completed inside the measured window
-        self.total = Tally()  # every response, warm-up and drain included (for the count check)
+        self.answers: list[tuple[int, bytes]] = []  # every answer, warm-up and drain included (the count check)
+        self.window = slice(0, 0)  # the answers completed inside the measured window
+        self.latencies_ns: list[int] = []  # of the window's answers
         self.errors = 0
         self.idle = asyncio.Event()
 
@@ -115,28 +127,29 @@ class LoadGenerator:
             if not any(c.busy for c in self.connections):
                 self.idle.set()
             return
-        if conn not in self.connections:
-            self.connections.append(conn)
         request = self.pool[self.sent % len(self.pool)]
         self.sent += 1
         conn.send(request)
 
+    def start_window(self) -> None:
+        self.measuring = True
+        self.window = slice(len(self.answers), len(self.answers))
+
+    def end_window(self) -> None:
+        self.measuring = False
+        self.window = slice(self.window.start, len(self.answers))
+
     def completed(self, conn: Connection, status: int, body: bytes, latency_ns: int) -> None:
-        for tally in (self.window, self.total) if self.measuring else (self.total,):
-            tally.statuses[status] += 1
-            if status == 200:
-                tally.add_body(body)
+        self.answers.append((status, body))
         if self.measuring:
-            self.window.latencies_ns.append(latency_ns)
+            self.latencies_ns.append(latency_ns)
         self.send_next(conn)
 
     def lost(self, conn: Connection) -> None:
         if conn.busy:
             conn.busy = False
             self.errors += 1
-            self.total.statuses[0] += 1
-            if self.measuring:
-                self.window.statuses[0] += 1
+            self.answers.append((0, b""))
         if conn in self.connections:
             self.connections.remove(conn)
         if self.sending:  # keep the concurrency fixed
@@ -196,10 +209,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     before_cpu = _cpu(watched)
     before_self = time.process_time()
     before_cores = cpu_ticks()
-    gen.measuring = True
+    gen.start_window()
     started = time.perf_counter()
     await asyncio.sleep(args.duration)
-    gen.measuring = False
+    gen.end_window()
     elapsed = time.perf_counter() - started
     after_self = time.process_time()
     after_cores = cpu_ticks()
@@ -209,9 +222,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     unanswered = await gen.stop_and_drain()
     if stats_client is not None:
         stats_client.close()
-    latencies = sorted(gen.window.latencies_ns)
-    window_ok = gen.window.statuses.get(200, 0)
-    completed = sum(gen.window.statuses.values()) - gen.window.statuses.get(0, 0)
+    latencies = sorted(gen.latencies_ns)
+    window, total = Tally.of(gen.answers[gen.window]), Tally.of(gen.answers)
+    window_ok = window.statuses.get(200, 0)
+    completed = sum(window.statuses.values()) - window.statuses.get(0, 0)
     cpu = {name: (after_cpu[name] - before_cpu[name]) / elapsed for name in watched}
     cpu["load"] = (after_self - before_self) / elapsed
     cores = busy_between(before_cores, after_cores)
@@ -227,17 +241,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "window": {
             "responses": completed,
-            "statuses": {str(k): v for k, v in sorted(gen.window.statuses.items())},
-            "accepted": gen.window.accepted,
+            "statuses": {str(k): v for k, v in sorted(window.statuses.items())},
+            "accepted": window.accepted,
         },
         "total": {
             "sent": gen.sent,
             "unanswered": unanswered,
             "connection_errors": gen.errors,
-            "statuses": {str(k): v for k, v in sorted(gen.total.statuses.items())},
-            "accepted": gen.total.accepted,
-            "duplicates": gen.total.duplicates,
-            "dead_lettered": gen.total.dead_lettered,
+            "statuses": {str(k): v for k, v in sorted(total.statuses.items())},
+            "accepted": total.accepted,
+            "duplicates": total.duplicates,
+            "dead_lettered": total.dead_lettered,
         },
         "pool": len(pool),
         "pool_wrapped": gen.sent > len(pool),
