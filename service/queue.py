@@ -32,6 +32,11 @@ MAX_REQUESTS_PER_CALL = 256
 # Redis (fsync with appendfsync always); more would only split groups.
 MAX_CALLS_IN_FLIGHT = 2
 
+# record.lua takes an event's payload (its last and largest value) as an argument of its own: not escaped
+# into the JSON document nor decoded from it, which costs Redis about 1.5 µs per event less (bench/).
+*_SHORT_FIELDS, _LAST_FIELD = EVENT_FIELDS
+assert _LAST_FIELD == "payload"
+
 
 @dataclass(frozen=True, slots=True)
 class RecordResult:
@@ -170,15 +175,18 @@ class StreamRecorder:
         keys = [self._keys.events, self._keys.dead_letters]
         seen = self._keys.seen
         events: list[list[str]] = []
+        payloads: list[str | bytes] = []
         letters: list[list[str]] = []
         for request in batch:
             for event in request.events:
                 keys.append(seen(event.event_id))
-                events.append(event.stream_values(request.received_at))
+                values = event.stream_values(request.received_at)
+                payloads.append(values.pop())  # the last field, an argument of its own
+                events.append(values)
             for letter in request.letters:
                 letters.append([part for item in letter.stream_fields(request.received_at).items() for part in item])
-        document = orjson.dumps({"names": EVENT_FIELDS, "events": events, "letters": letters})
-        return keys, [self._ttl, str(self._dead_maxlen), document]
+        document = orjson.dumps({"names": _SHORT_FIELDS, "events": events, "letters": letters})
+        return keys, [self._ttl, str(self._dead_maxlen), document, _LAST_FIELD, *payloads]
 
     def _results(self, batch: list[_Request], replies: Replies) -> list[RecordResult]:
         """Each request's counts from the script's reply; raises ``StorageUnavailable`` for a refused call."""
