@@ -19,8 +19,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from service.aof import repair_torn_tail
+
 logger = logging.getLogger(__name__)
 
+APPENDFILENAME = "appendonly.aof"
 DURABLE_CONFIG = {"appendonly": "yes", "appendfsync": "always", "maxmemory-policy": "noeviction"}
 _MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes on Linux
 
@@ -125,6 +128,8 @@ class EmbeddedRedis:
 
     def _launch(self, timeout: float) -> None:
         self.binary = find_redis_server()
+        # Never with a server on the file: callers hold the start lock and found none running.
+        repair_torn_tail(self.binary, self.dir, APPENDFILENAME, timeout)
         log = self.dir / "redis.log"
         config = {
             "port": str(self.port or 0),
@@ -132,7 +137,7 @@ class EmbeddedRedis:
             "unixsocket": str(self.socket),
             "unixsocketperm": "700",
             "dir": str(self.dir),
-            "appendfilename": "appendonly.aof",
+            "appendfilename": APPENDFILENAME,
             "save": "",
             # Detached from whoever starts it, so it can outlive that process while others still use it
             # (see release); it is found again through its socket and its pid file.
