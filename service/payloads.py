@@ -220,7 +220,14 @@ def utc_instant(text: str) -> str | None:
     """
     if not text:
         return None
-    if len(text) == 24 and text[19] == "." and text[23] == "Z" and text[20:23].isdigit() and text.isascii():
+    if (
+        len(text) == 24
+        and text[10] == "T"
+        and text[19] == "."
+        and text[23] == "Z"
+        and text[20:23].isdigit()
+        and text.isascii()
+    ):
         # Already the answer's shape, as most of Intuit's times are: only its second needs checking.
         return text if _valid_second(text[:19]) else None
     fast = _UTC_TIME.fullmatch(text)

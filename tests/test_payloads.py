@@ -195,6 +195,8 @@ def test_missing_or_unparseable_time_falls_back() -> None:
         ("2025-02-28T23:00:00.\u0661\u0662\u0663Z", None),  # digits, but not ASCII ones
         ("2025-02-28T23:00:00.12xZ", None),
         ("2025-02-28T23:00:00.123z", "2025-02-28T23:00:00.123Z"),
+        ("2024-03-01 12:00:00.000Z", "2024-03-01T12:00:00.000Z"),  # the stored shape's length, another separator
+        ("2024-03-01t12:00:00.000Z", "2024-03-01T12:00:00.000Z"),
         ("not a time", None),
         ("", None),
     ],
