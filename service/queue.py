@@ -28,6 +28,9 @@ from service.scriptline import Replies, ScriptLine, Unsupported
 logger = logging.getLogger(__name__)
 
 MAX_REQUESTS_PER_CALL = 256
+# Events and dead letters per call (a single larger request still goes, alone): a call carries two arguments
+# per event, and Redis 6.2 refuses a command of more than 1,048,576; Redis runs a call without pause.
+MAX_ITEMS_PER_CALL = 100_000
 # Script calls in flight at once. One more than one lets a group fill while the previous call waits on
 # Redis (fsync with appendfsync always); more would only split groups.
 MAX_CALLS_IN_FLIGHT = 2
@@ -130,8 +133,7 @@ class StreamRecorder:
 
     def _dispatch(self) -> None:
         while self._queue and self._idle_lines:
-            batch = self._queue[:MAX_REQUESTS_PER_CALL]
-            del self._queue[:MAX_REQUESTS_PER_CALL]
+            batch = self._next_group()
             line = self._idle_lines.pop()
             try:
                 call = _Call(self, line, batch)
@@ -144,6 +146,19 @@ class StreamRecorder:
                         request.done.set_exception(failure)
                 continue
             call.start()
+
+    def _next_group(self) -> list[_Request]:
+        """The oldest queued requests, as many as fit in one call (at least one)."""
+        count = items = 0
+        for request in self._queue:
+            size = len(request.events) + len(request.letters)
+            if count == MAX_REQUESTS_PER_CALL or (count and items + size > MAX_ITEMS_PER_CALL):
+                break
+            count += 1
+            items += size
+        batch = self._queue[:count]
+        del self._queue[:count]
+        return batch
 
     def _finish(self, call: _Call, outcome: Replies | Exception) -> None:
         """Settle every request of ``call``, then give its line the next group."""

@@ -81,6 +81,22 @@ async def test_concurrent_requests_are_group_committed(recorders: Recorders, syn
     assert sum(r.accepted for r in results) == 200
 
 
+async def test_a_group_is_capped_by_its_events(
+    recorders: Recorders, sync_redis: redis_sync.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Calls carry at most MAX_ITEMS_PER_CALL events and letters; a request above it goes alone, whole."""
+    monkeypatch.setattr(queue, "MAX_ITEMS_PER_CALL", 5)
+    recorder = recorders()
+    await recorder.preload()
+    sync_redis.config_resetstat()
+    sizes = [3, 3, 2, 7, 1, 1]  # groups of at most 5 items: [3], [3, 2], [7], [1, 1]
+    requests = [[make_event(100 * i + j) for j in range(size)] for i, size in enumerate(sizes)]
+    results = await asyncio.gather(*(recorder.record(events, [], "t") for events in requests))
+    assert [r.accepted for r in results] == sizes
+    assert sync_redis.xlen("qbo:events") == sum(sizes)
+    assert sync_redis.info("commandstats")["cmdstat_evalsha"]["calls"] == 4
+
+
 async def test_nothing_to_record_touches_nothing(recorders: Recorders, sync_redis: redis_sync.Redis) -> None:
     recorder = recorders()
     result = await recorder.record([], [], "t")
