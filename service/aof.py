@@ -36,6 +36,9 @@ def repair_torn_tail(binary: str, redis_dir: Path, appendfilename: str, timeout:
         check = _check_aof(binary, [str(target)], timeout)
         if check.returncode == 0:
             return False
+        if _ANALYZED.search(check.stdout) is None:  # not the checker's report (another binary, a crash)
+            logger.error("could not check the append-only file %s: %s", target, (check.stdout + check.stderr)[-300:])
+            return False
         errors = _ERROR_LINE.findall(check.stdout)
         if any(not error.startswith(_TORN_TAIL_ERRORS) for error in errors):
             logger.error(
