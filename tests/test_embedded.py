@@ -10,7 +10,7 @@ from pathlib import Path
 
 import redis as redis_sync
 
-from service.embedded import DURABLE_CONFIG, EmbeddedRedis
+from service.embedded import DURABLE_CONFIG, HOST_FRIENDLY_CONFIG, EmbeddedRedis
 
 
 def dead_pid() -> int:
@@ -25,7 +25,7 @@ def test_durable_configuration_on_a_unix_socket(tmp_path: Path) -> None:
     try:
         assert url.startswith("unix://")
         client = redis_sync.Redis.from_url(url, decode_responses=True)
-        for name, value in DURABLE_CONFIG.items():
+        for name, value in (DURABLE_CONFIG | HOST_FRIENDLY_CONFIG).items():
             assert client.config_get(name) == {name: value}
         assert client.config_get("port") == {"port": "0"}  # no TCP listener
         client.close()
