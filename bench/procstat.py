@@ -36,12 +36,17 @@ def children(pid: int) -> list[int]:
 
 
 def tree_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds used so far by ``pid`` and its live descendants."""
+    """User + system CPU seconds used so far by ``pid`` and its descendants, those already waited for included.
+
+    A descendant that ended in between (redis-server's forked AOF rewrite, for instance) is no longer listed;
+    once its parent has waited for it, its time is in the parent's cutime/cstime, which are counted here.
+    """
     total = 0
     for member in [pid, *children(pid)]:
         fields = _stat_fields(member)
         if fields is not None:
-            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+            # utime, stime, cutime, cstime: fields 14 to 17 of stat
+            total += int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
     return total / _TICKS
 
 

@@ -6,6 +6,8 @@ No timing here: the benchmark itself (``make bench``) measures; these tests only
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -114,3 +116,30 @@ def test_redis_commands_are_counted_per_accepted_request_without_info() -> None:
 
 def test_cpu_time_of_this_process_is_readable() -> None:
     assert tree_cpu_seconds(os.getpid()) > 0
+
+
+_FORK_AND_REAP = """
+import os, sys, time
+pid = os.fork()
+if pid == 0:
+    end = time.process_time() + 0.4
+    while time.process_time() < end:
+        pass
+    os._exit(0)
+os.waitpid(pid, 0)
+print("reaped", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_cpu_time_of_a_child_that_ended_counts_for_its_parent() -> None:
+    # redis-server's AOF rewrite is a child that ends within the window: its CPU must not show up as "other".
+    with subprocess.Popen(
+        [sys.executable, "-c", _FORK_AND_REAP], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as parent:
+        try:
+            assert parent.stdout is not None
+            assert parent.stdout.readline().strip() == "reaped"
+            assert tree_cpu_seconds(parent.pid) >= 0.35
+        finally:
+            parent.kill()
