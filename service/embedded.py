@@ -302,7 +302,16 @@ def _alive(pid: int | None) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    return not _exited(pid)
+
+
+def _exited(pid: int) -> bool:
+    """Whether ``pid`` has exited but not been waited for yet (a zombie: signals still "reach" it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False  # gone since, or no /proc to look at
+    return stat[stat.rfind(")") + 2 :][:1] in ("Z", "X")
 
 
 def _quote(value: str) -> str:

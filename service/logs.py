@@ -9,7 +9,8 @@ from typing import Any, TextIO
 
 import orjson
 
-_RESERVED = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+# ``color_message``: uvicorn's copy of its message with terminal colour codes, for its own console formatter.
+_RESERVED = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "color_message"}
 
 
 class JsonFormatter(logging.Formatter):

@@ -77,7 +77,8 @@ class _SnapshotCollector(Collector):
                        "outcome", snap["events"])  # fmt: skip
         yield _counter("qbo_signature_failures", "Unauthenticated deliveries (401) by reason.", "reason",
                        snap["signature_failures"])  # fmt: skip
-        yield _counter("qbo_webhook_errors", "Deliveries answered 503 by cause.", "cause", snap["errors"])
+        yield _counter("qbo_webhook_errors", "Deliveries refused other than for authentication, by cause "
+                       "(redis, timeout, internal: 503; body: 408/413).", "cause", snap["errors"])  # fmt: skip
         extra = snap["extra"]
         yield _plain("qbo_redis_errors", "Redis calls that failed or timed out.", snap["errors"].get("redis", 0))
         yield _plain("qbo_connection_decrypt_failures", "Verifier tokens no configured key decrypts.",

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import redis as redis_sync
@@ -56,6 +57,27 @@ def test_a_server_whose_owner_died_is_adopted_and_stopped(tmp_path: Path) -> Non
     assert heir.owned
     heir.release()
     assert not heir._answers()
+
+
+def test_an_owner_that_exited_but_was_not_yet_reaped_counts_as_dead(tmp_path: Path) -> None:
+    # A process killed with SIGKILL stays a zombie until its parent (or a slow init) waits for it: the next
+    # command must adopt the server then, not one command later.
+    orphan = EmbeddedRedis(tmp_path)
+    orphan.start()
+    with subprocess.Popen(["true"]) as exited:
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{exited.pid}/stat").read_text().split(")")[-1].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the child never became a zombie"
+            time.sleep(0.01)
+        (orphan.dir / "owner.pid").write_text(str(exited.pid))
+        adopter = EmbeddedRedis(tmp_path)
+        try:
+            adopter.start()
+            assert adopter.owned
+            adopter.release()  # the owner is gone and nobody else is connected: the adopter stops it
+            assert not adopter._answers()
+        finally:
+            orphan.stop()
 
 
 def test_supervise_restarts_a_stopped_server_with_its_data(tmp_path: Path) -> None:

@@ -108,3 +108,12 @@ def test_json_logs_are_one_object_per_line_without_secrets(
     everything = "\n".join(lines)
     assert "log-token-SECRET" not in everything
     assert body.decode() not in everything
+
+
+def test_json_logs_leave_out_uvicorns_coloured_copy_of_the_message(json_logs: io.StringIO) -> None:
+    # uvicorn logs e.g. "Started server process" with extra={"color_message": <the same with ANSI codes>}.
+    logging.getLogger("uvicorn.error").info("Started %s", "server", extra={"color_message": "\x1b[32mStarted\x1b[0m"})
+    (record,) = [json.loads(line) for line in json_logs.getvalue().splitlines() if line.strip()]
+    assert record["message"] == "Started server"
+    assert "color_message" not in record
+    assert "\x1b" not in json_logs.getvalue()
