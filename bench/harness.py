@@ -194,7 +194,11 @@ def measure_service(
             )
         client = redis.Redis.from_url(url)
         register(client, tenants)
-        config = {str(k): str(v) for k, v in client.config_get("append*").items()}
+        config = {
+            str(k): str(v)
+            for pattern in ("append*", "auto-aof-rewrite-*", "rdbcompression")
+            for k, v in client.config_get(pattern).items()
+        }
         before = client.xlen("qbo:events"), client.xlen("qbo:events:dead")
         env = {"QBO_REDIS_URL": url, "QBO_DATA_DIR": str(tmp), "QBO_LOG_LEVEL": "WARNING"}
         with serving(SERVICE, args.workers, server_cpu, env) as server:

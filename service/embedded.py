@@ -28,7 +28,7 @@ DURABLE_CONFIG = {"appendonly": "yes", "appendfsync": "always", "maxmemory-polic
 # The embedded Redis shares the service's machine, so what its AOF rewrites cost in CPU is taken from the
 # receiver. Without compression the rewrite child spends no time in LZF (about a third of its CPU in bench/),
 # and the larger base file makes rewrites rarer (the next one is due when the AOF has grown by 100 % of it);
-# in exchange the base file is larger on disk (2.6 times for stream entries carrying bench/'s bodies).
+# in exchange the base file is about twice as large on disk (2.0 times for bench/'s events).
 HOST_FRIENDLY_CONFIG = {"rdbcompression": "no"}
 _MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes on Linux
 
