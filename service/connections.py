@@ -204,8 +204,12 @@ class ConnectionStore:
     # -- operators' path (CLI) -----------------------------------------------------------------------
 
     async def get(self, realm_id: str) -> ConnectionMetadata | None:
-        """The stored metadata, decrypted; a secret no key opens is left in its stored form."""
-        data = await self._read_raw(realm_id)
+        """The stored metadata, decrypted; a secret no key opens is left in its stored form, and a value that is
+        not UTF-8 text (another writer's) is left out (logged)."""
+        _, data = await self._read_raw(realm_id)
+        return self._metadata(data)
+
+    def _metadata(self, data: dict[str, object] | None) -> ConnectionMetadata | None:
         if data is None:
             return None
         plain: dict[str, object] = {}
@@ -226,13 +230,15 @@ class ConnectionStore:
                 f"refusing to store {', '.join(plain_secrets)} in plain text: set QBO_ENCRYPTION_KEYS "
                 "(qbo-webhooks keys generate) or pass --allow-plaintext"
             )
-        current = await self.get(metadata.realm_id)
+        kind, data = await self._read_raw(metadata.realm_id)
+        current = self._metadata(data)
         merged = {**(current.as_dict() if current else {}), **metadata.as_dict()}
         stored = {k: self._box.encrypt(v) if k in ENCRYPTED_FIELDS else v for k, v in merged.items()}
         key = self._keys.connection(metadata.realm_id)
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.delete(key)
+                if kind != "hash":  # another writer's JSON string becomes our hash; a hash keeps what we do not set
+                    pipe.delete(key)
                 pipe.hset(key, mapping=cast("dict[Any, Any]", stored))
                 await pipe.execute()
         except RedisError as exc:
@@ -311,17 +317,22 @@ class ConnectionStore:
         self._known_tokens_expire = 0.0
         return len(raw) - len(expired)
 
-    async def _read_raw(self, realm_id: str) -> dict[str, object] | None:
+    async def _read_raw(self, realm_id: str) -> tuple[str, dict[str, object] | None]:
+        """The key's type and its fields as text (``None``: no connection there)."""
         key = self._keys.connection(realm_id)
         try:
-            kind = await self._redis.type(key)
+            reply = await self._redis.type(key)
+            kind = reply.decode() if isinstance(reply, bytes) else reply
             if kind == "hash":
-                return dict(await self._redis.hgetall(key))  # type: ignore[arg-type]
+                # As bytes, decoded value by value: one value that is not UTF-8 must not make the whole connection
+                # unreadable (nor stop an operator from showing, updating or deleting it).
+                raw = await self._redis.execute_command("HGETALL", key, **{NEVER_DECODE: True})  # type: ignore[no-untyped-call]
+                return kind, _text_fields(realm_id, raw)
             if kind == "string":
-                return _json_object(await self._redis.get(key))
+                return kind, _json_object(await self._redis.get(key))
         except RedisError as exc:
             raise StorageUnavailable(f"reading the connection failed: {type(exc).__name__}") from exc
-        return None
+        return kind, None
 
 
 def _text(realm_id: str, name: str, value: object) -> str | None:
@@ -333,6 +344,19 @@ def _text(realm_id: str, name: str, value: object) -> str | None:
     except UnicodeDecodeError:
         logger.error("connection of realm %s: %s is not UTF-8 text; treated as missing", realm_id, name)
         return None
+
+
+def _text_fields(realm_id: str, raw: dict[bytes, bytes]) -> dict[str, object]:
+    """A hash read as bytes, as text; a field whose name or value is not UTF-8 is left out (logged)."""
+    fields: dict[str, object] = {}
+    for name, value in raw.items():
+        text_name = _text(realm_id, "a field name", name)
+        if text_name is None:
+            continue
+        text_value = _text(realm_id, text_name, value)
+        if text_value is not None:
+            fields[text_name] = text_value
+    return fields
 
 
 def _json_object(text: object) -> dict[str, Any] | None:

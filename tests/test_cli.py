@@ -6,6 +6,7 @@ import json
 
 import pytest
 import redis as redis_sync
+from redis.client import NEVER_DECODE
 
 from service.cli import main
 from tests.helpers import FIXTURES, REAL_SIGNATURE, REAL_TOKEN, SAMPLE_SIGNATURE, SAMPLE_TOKEN
@@ -51,6 +52,27 @@ def test_connections_put_show_list_delete(
     assert run(capsys, "connections", "delete", "77")[0] == 0
     assert run(capsys, "connections", "show", "77")[0] == 1
     assert sync_redis.exists("qbo:connection:77") == 0
+
+
+def test_a_connection_holding_a_value_that_is_not_utf8_can_be_shown_updated_and_deleted(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, redis_url: str, sync_redis: redis_sync.Redis
+) -> None:
+    # Another writer's binary OAuth session blob: shown without it, kept byte for byte by a put that does not set it.
+    monkeypatch.setenv("QBO_REDIS_URL", redis_url)
+    key = "qbo:connection:99"
+    sync_redis.hset(key, mapping={"webhook_verifier_token": "vt-99", "oauth_session_data": b"\x80\x04\xff"})
+    code, out, _ = run(capsys, "connections", "show", "99", "--reveal")
+    assert (code, json.loads(out)) == (0, {"webhook_verifier_token": "vt-99"})
+    assert run(capsys, "connections", "put", "99", "--environment", "production")[0] == 0
+    raw = sync_redis.execute_command("HGETALL", key, **{NEVER_DECODE: True})  # type: ignore[no-untyped-call]
+    assert raw == {
+        b"webhook_verifier_token": b"vt-99",
+        b"oauth_session_data": b"\x80\x04\xff",
+        b"environment": b"production",
+        b"realm_id": b"99",
+    }
+    assert run(capsys, "connections", "delete", "99")[0] == 0
+    assert sync_redis.exists(key) == 0
 
 
 def test_put_reads_json_and_rejects_bad_realm_ids(
