@@ -17,7 +17,7 @@ from redis.client import NEVER_DECODE
 from redis.exceptions import NoScriptError, RedisError
 
 from service.crypto import SecretBox
-from service.errors import DecryptionError, EncryptionRequired, StorageUnavailable
+from service.errors import DecryptionError, EncryptionRequired, StorageUnavailable, UnreadableConnection
 from service.keys import Keys
 from service.models import ENCRYPTED_FIELDS, MUST_ENCRYPT_FIELDS, ConnectionMetadata, RealmRoute
 from service.signature import fingerprint
@@ -206,7 +206,7 @@ class ConnectionStore:
     async def get(self, realm_id: str) -> ConnectionMetadata | None:
         """The stored metadata, decrypted; a secret no key opens is left in its stored form, and a value that is
         not UTF-8 text (another writer's) is left out (logged)."""
-        _, data = await self._read_raw(realm_id)
+        _, data, _ = await self._read_raw(realm_id)
         return self._metadata(data)
 
     def _metadata(self, data: dict[str, object] | None) -> ConnectionMetadata | None:
@@ -230,15 +230,21 @@ class ConnectionStore:
                 f"refusing to store {', '.join(plain_secrets)} in plain text: set QBO_ENCRYPTION_KEYS "
                 "(qbo-webhooks keys generate) or pass --allow-plaintext"
             )
-        kind, data = await self._read_raw(metadata.realm_id)
+        kind, data, undecodable = await self._read_raw(metadata.realm_id)
+        if kind == "string" and data is None:
+            raise UnreadableConnection(
+                f"the connection of realm {metadata.realm_id} is stored as a string that is not a JSON object "
+                "(another writer's?); not overwritten: inspect it, then delete it to register the realm anew"
+            )
         current = self._metadata(data)
         merged = {**(current.as_dict() if current else {}), **metadata.as_dict()}
-        stored = {k: self._box.encrypt(v) if k in ENCRYPTED_FIELDS else v for k, v in merged.items()}
+        # A field of ours whose stored value is not UTF-8 (another writer's binary blob) is written back as it was.
+        stored: dict[str, str | bytes] = {name: value for name, value in undecodable.items() if name not in merged}
+        stored.update({k: self._box.encrypt(v) if k in ENCRYPTED_FIELDS else v for k, v in merged.items()})
         key = self._keys.connection(metadata.realm_id)
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
-                if kind != "hash":  # another writer's JSON string becomes our hash; a hash keeps what we do not set
-                    pipe.delete(key)
+                pipe.delete(key)  # the hash becomes exactly our fields, with no expiry (and a JSON string a hash)
                 pipe.hset(key, mapping=cast("dict[Any, Any]", stored))
                 await pipe.execute()
         except RedisError as exc:
@@ -317,8 +323,9 @@ class ConnectionStore:
         self._known_tokens_expire = 0.0
         return len(raw) - len(expired)
 
-    async def _read_raw(self, realm_id: str) -> tuple[str, dict[str, object] | None]:
-        """The key's type and its fields as text (``None``: no connection there)."""
+    async def _read_raw(self, realm_id: str) -> tuple[str, dict[str, object] | None, dict[str, bytes]]:
+        """The key's type, its fields as text (``None``: no readable connection there), and the fields of
+        ``ConnectionMetadata`` whose value is not UTF-8 text, as bytes."""
         key = self._keys.connection(realm_id)
         try:
             reply = await self._redis.type(key)
@@ -327,12 +334,13 @@ class ConnectionStore:
                 # As bytes, decoded value by value: one value that is not UTF-8 must not make the whole connection
                 # unreadable (nor stop an operator from showing, updating or deleting it).
                 raw = await self._redis.execute_command("HGETALL", key, **{NEVER_DECODE: True})  # type: ignore[no-untyped-call]
-                return kind, _text_fields(realm_id, raw)
+                return kind, *_text_fields(realm_id, raw)
             if kind == "string":
-                return kind, _json_object(await self._redis.get(key))
+                text = await self._redis.execute_command("GET", key, **{NEVER_DECODE: True})  # type: ignore[no-untyped-call]
+                return kind, _json_object(text), {}
         except RedisError as exc:
             raise StorageUnavailable(f"reading the connection failed: {type(exc).__name__}") from exc
-        return kind, None
+        return kind, None, {}
 
 
 def _text(realm_id: str, name: str, value: object) -> str | None:
@@ -346,9 +354,12 @@ def _text(realm_id: str, name: str, value: object) -> str | None:
         return None
 
 
-def _text_fields(realm_id: str, raw: dict[bytes, bytes]) -> dict[str, object]:
-    """A hash read as bytes, as text; a field whose name or value is not UTF-8 is left out (logged)."""
+def _text_fields(realm_id: str, raw: dict[bytes, bytes]) -> tuple[dict[str, object], dict[str, bytes]]:
+    """A hash read as bytes: its fields as text, and apart the fields of ours whose value is not UTF-8 (logged).
+
+    A field whose name is not UTF-8 is not one of ours: left out (logged)."""
     fields: dict[str, object] = {}
+    undecodable: dict[str, bytes] = {}
     for name, value in raw.items():
         text_name = _text(realm_id, "a field name", name)
         if text_name is None:
@@ -356,7 +367,12 @@ def _text_fields(realm_id: str, raw: dict[bytes, bytes]) -> dict[str, object]:
         text_value = _text(realm_id, text_name, value)
         if text_value is not None:
             fields[text_name] = text_value
-    return fields
+        elif text_name in _METADATA_FIELDS:
+            undecodable[text_name] = value
+    return fields, undecodable
+
+
+_METADATA_FIELDS = frozenset(ConnectionMetadata.field_names())
 
 
 def _json_object(text: object) -> dict[str, Any] | None:

@@ -29,3 +29,7 @@ class DecryptionError(QBOError):
 
 class EncryptionRequired(QBOError):
     """A secret would be stored in plain text and the caller did not allow it."""
+
+
+class UnreadableConnection(QBOError):
+    """A connection another writer stored in a form we cannot read; we do not overwrite it."""

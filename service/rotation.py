@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
+from redis.client import NEVER_DECODE
 from redis.exceptions import RedisError, ResponseError
 
 from service.crypto import SecretBox
@@ -77,10 +78,17 @@ class Rotator:
         return report
 
     async def _rotate_hash(self, key: str, report: RotationReport) -> None:
-        stored: dict[str, str] = await self._redis.hgetall(key)  # type: ignore[assignment]
-        for name in sorted(ENCRYPTED_FIELDS & stored.keys()):
-            value = stored[name]
-            if not value:
+        names = sorted(ENCRYPTED_FIELDS)
+        # As bytes: another writer's value that is not UTF-8 (in any field) must not stop the rotation of the rest.
+        raw = await self._redis.execute_command("HMGET", key, *names, **{NEVER_DECODE: True})  # type: ignore[no-untyped-call]
+        for name, stored in zip(names, raw, strict=True):
+            if not stored:
+                continue
+            try:
+                value = stored.decode("utf-8")
+            except UnicodeDecodeError:
+                report.undecryptable += 1
+                logger.error("cannot rotate %s of %s: the stored value is not UTF-8 text", name, key)
                 continue
             if self._box.is_current(value):
                 report.current += 1
@@ -93,11 +101,12 @@ class Rotator:
                     report.conflicts += 1
 
     async def _rotate_json(self, key: str, report: RotationReport) -> None:
-        text = await self._redis.get(key)
+        stored = await self._redis.execute_command("GET", key, **{NEVER_DECODE: True})  # type: ignore[no-untyped-call]
         try:
-            data = orjson.loads(text) if isinstance(text, str) else None
-        except orjson.JSONDecodeError:
-            data = None
+            text = stored.decode("utf-8") if isinstance(stored, bytes) else None
+            data = orjson.loads(text) if text is not None else None
+        except (UnicodeDecodeError, orjson.JSONDecodeError):
+            data = None  # not ours to read, nor to rewrite
         if not isinstance(data, dict):
             return
         changed = 0

@@ -60,18 +60,36 @@ def test_a_connection_holding_a_value_that_is_not_utf8_can_be_shown_updated_and_
     # Another writer's binary OAuth session blob: shown without it, kept byte for byte by a put that does not set it.
     monkeypatch.setenv("QBO_REDIS_URL", redis_url)
     key = "qbo:connection:99"
-    sync_redis.hset(key, mapping={"webhook_verifier_token": "vt-99", "oauth_session_data": b"\x80\x04\xff"})
+    sync_redis.hset(key, mapping={"webhook_verifier_token": "vt-99", "oauth_session_data": b"\x80\x04\xff", "x": "1"})
+    sync_redis.expire(key, 600)  # another writer's expiry: a connection we register must not inherit it
     code, out, _ = run(capsys, "connections", "show", "99", "--reveal")
     assert (code, json.loads(out)) == (0, {"webhook_verifier_token": "vt-99"})
     assert run(capsys, "connections", "put", "99", "--environment", "production")[0] == 0
     raw = sync_redis.execute_command("HGETALL", key, **{NEVER_DECODE: True})  # type: ignore[no-untyped-call]
     assert raw == {
         b"webhook_verifier_token": b"vt-99",
-        b"oauth_session_data": b"\x80\x04\xff",
+        b"oauth_session_data": b"\x80\x04\xff",  # kept byte for byte; the unknown field "x" is not
         b"environment": b"production",
         b"realm_id": b"99",
     }
+    assert sync_redis.ttl(key) == -1
     assert run(capsys, "connections", "delete", "99")[0] == 0
+    assert sync_redis.exists(key) == 0
+
+
+def test_a_json_string_connection_that_is_not_utf8_is_not_overwritten_but_can_be_deleted(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, redis_url: str, sync_redis: redis_sync.Redis
+) -> None:
+    monkeypatch.setenv("QBO_REDIS_URL", redis_url)
+    key = "qbo:connection:98"
+    stored = b'{"webhook_verifier_token":"vt-98","blob":"\xff"}'
+    sync_redis.set(key, stored)
+    assert run(capsys, "connections", "show", "98")[0] == 1
+    code, _, err = run(capsys, "connections", "put", "98", "--environment", "production")
+    assert code == 2
+    assert "not overwritten" in err
+    assert sync_redis.execute_command("GET", key, **{NEVER_DECODE: True}) == stored  # type: ignore[no-untyped-call]
+    assert run(capsys, "connections", "delete", "98")[0] == 0
     assert sync_redis.exists(key) == 0
 
 

@@ -14,6 +14,7 @@ import pytest
 import redis as redis_sync
 from cryptography.fernet import Fernet
 from redis.asyncio import Redis
+from redis.client import NEVER_DECODE
 
 from service.connections import ConnectionStore
 from service.crypto import SecretBox
@@ -47,6 +48,26 @@ def stored_secrets(r: redis_sync.Redis) -> list[str]:
         values += [str(v) for k, v in r.hgetall(key).items() if k in ENCRYPTED_FIELDS]
     values += [orjson.loads(v)["token"] for v in r.hgetall("qbo:verifier-tokens").values()]
     return values
+
+
+def raw_field(r: redis_sync.Redis, key: str, name: str) -> object:
+    return r.execute_command("HGET", key, name, **{NEVER_DECODE: True})  # type: ignore[no-untyped-call]
+
+
+async def test_values_that_are_not_utf8_do_not_stop_the_rotation(redis: Redis, sync_redis: redis_sync.Redis) -> None:
+    await seed(redis, realms=2)
+    sync_redis.hset("qbo:connection:100", "oauth_session_data", b"\x80\x04\xff")  # another writer's binary blob
+    sync_redis.hset("qbo:connection:101", "access_token", b"\xff\xfe")  # a secret that is not even text
+    sync_redis.set("qbo:connection:102", b'{"webhook_verifier_token":"\xff"}')  # a JSON string that is not UTF-8
+
+    report = await Rotator(redis, Keys(), SecretBox([NEW, OLD])).run()
+
+    assert (report.connections, report.rotated, report.undecryptable, report.conflicts) == (3, 7, 1, 0)
+    assert raw_field(sync_redis, "qbo:connection:100", "oauth_session_data") == b"\x80\x04\xff"
+    assert raw_field(sync_redis, "qbo:connection:101", "access_token") == b"\xff\xfe"
+    new_only = SecretBox([NEW])
+    assert new_only.decrypt(str(sync_redis.hget("qbo:connection:100", "access_token"))) == "rot-access-4-0"
+    assert new_only.decrypt(str(sync_redis.hget("qbo:connection:101", "client_secret"))) == "rot-client-secret-2-1"
 
 
 async def test_rotate_moves_every_secret_to_the_first_key(redis: Redis, sync_redis: redis_sync.Redis) -> None:
