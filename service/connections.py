@@ -295,7 +295,12 @@ class ConnectionStore:
         return sorted(realms, key=lambda r: (len(r), r))
 
     async def note_token(self, token: str, seen_at: float | None = None) -> None:
-        """Record a verifier token in the known-token index as seen now (or at ``seen_at``)."""
+        """Record a verifier token in the known-token index as seen now (or at ``seen_at``).
+
+        A token still in its stored form (no configured key decrypts it) is not a token anyone signs with: skipped.
+        """
+        if SecretBox.is_encrypted(token):
+            return
         value = orjson.dumps({"token": self._box.encrypt(token), "last_seen": seen_at or time.time()}).decode()
         await self._redis.hset(self._keys.verifier_tokens, fingerprint(token), value)
         self._known_tokens_expire = 0.0

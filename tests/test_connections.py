@@ -163,6 +163,16 @@ async def test_rebuild_finds_connections_written_by_others(redis: Redis, sync_re
     assert await s.realm_ids() == ["5", "6"]
 
 
+async def test_a_token_no_key_decrypts_never_enters_the_index(redis: Redis, sync_redis: redis_sync.Redis) -> None:
+    stranger = Fernet.generate_key().decode()
+    await store(redis, stranger).put(ConnectionMetadata(realm_id="9", webhook_verifier_token="theirs-9"))
+    sync_redis.delete("qbo:verifier-tokens")
+    s = store(redis, Fernet.generate_key().decode())  # this CLI's key does not open the stored token
+    await s.put(ConnectionMetadata(realm_id="9", environment="production"))
+    await s.delete("9")
+    assert sync_redis.hgetall("qbo:verifier-tokens") == {}
+
+
 async def test_rebuild_is_not_stopped_by_a_field_that_is_not_utf8(redis: Redis, sync_redis: redis_sync.Redis) -> None:
     """Another writer's binary session blob in one connection: every token is still indexed (SPEC §4.4)."""
     sync_redis.hset("qbo:connection:5", mapping={"webhook_verifier_token": "tok-5", "oauth_session_data": b"\x80\x04"})
