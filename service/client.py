@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.client import NEVER_DECODE
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -71,3 +73,13 @@ async def check_durability(redis: Redis, *, require: bool) -> list[str]:
     if problems and require:
         raise ConfigurationError("QBO_REQUIRE_DURABLE is set and Redis is not durable: " + "; ".join(problems))
     return problems
+
+
+async def scan_keys(redis: Redis, pattern: str, count: int = 500) -> AsyncIterator[str]:
+    """The names of the keys matching ``pattern``; one that is not UTF-8 (another writer's) is skipped and logged,
+    so it cannot stop a scan over every tenant."""
+    async for raw in redis.scan_iter(pattern, count, **{NEVER_DECODE: True}):  # type: ignore[arg-type]
+        try:
+            yield raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+        except UnicodeDecodeError:
+            logger.error("skipped a key matching %s whose name is not UTF-8: %r", pattern, raw[:80])

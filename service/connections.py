@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from redis.client import NEVER_DECODE
 from redis.exceptions import NoScriptError, RedisError
 
+from service.client import scan_keys
 from service.crypto import SecretBox
 from service.errors import DecryptionError, EncryptionRequired, StorageUnavailable, UnreadableConnection
 from service.keys import Keys
@@ -291,7 +292,7 @@ class ConnectionStore:
 
     async def realm_ids(self) -> list[str]:
         """Every registered realm id, sorted."""
-        realms = [self._keys.realm_of(key) async for key in self._redis.scan_iter(self._keys.connection_pattern, 500)]
+        realms = [self._keys.realm_of(key) async for key in scan_keys(self._redis, self._keys.connection_pattern)]
         return sorted(realms, key=lambda r: (len(r), r))
 
     async def note_token(self, token: str, seen_at: float | None = None) -> None:
@@ -312,7 +313,7 @@ class ConnectionStore:
         """
         now = time.time()
         seen: dict[str, str] = {}
-        async for key in self._redis.scan_iter(self._keys.connection_pattern, 500):
+        async for key in scan_keys(self._redis, self._keys.connection_pattern):
             realm_id = self._keys.realm_of(key)
             # Only the routing fields: another field holding bytes that are not UTF-8 (another writer's
             # session blob) must not stop the scan for every tenant.

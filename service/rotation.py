@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from redis.client import NEVER_DECODE
 from redis.exceptions import RedisError, ResponseError
 
+from service.client import scan_keys
 from service.crypto import SecretBox
 from service.errors import ConfigurationError, DecryptionError, StorageUnavailable
 from service.keys import Keys
@@ -66,7 +67,7 @@ class Rotator:
 
     async def _run(self) -> RotationReport:
         report = RotationReport()
-        async for key in self._redis.scan_iter(self._keys.connection_pattern, 500):
+        async for key in scan_keys(self._redis, self._keys.connection_pattern):
             report.connections += 1
             kind = await self._redis.type(key)
             if kind == "hash":

@@ -163,6 +163,15 @@ async def test_rebuild_finds_connections_written_by_others(redis: Redis, sync_re
     assert await s.realm_ids() == ["5", "6"]
 
 
+async def test_a_key_name_that_is_not_utf8_does_not_stop_scans(redis: Redis, sync_redis: redis_sync.Redis) -> None:
+    sync_redis.hset(b"qbo:connection:\xff", mapping={"webhook_verifier_token": "bad-key"})  # another writer's
+    sync_redis.hset("qbo:connection:5", mapping={"webhook_verifier_token": "tok-5"})
+    s = store(redis)
+    assert await s.realm_ids() == ["5"]
+    assert await s.rebuild_token_index() == 1
+    assert set(await s.known_tokens()) == {"tok-5"}
+
+
 async def test_a_token_no_key_decrypts_never_enters_the_index(redis: Redis, sync_redis: redis_sync.Redis) -> None:
     stranger = Fernet.generate_key().decode()
     await store(redis, stranger).put(ConnectionMetadata(realm_id="9", webhook_verifier_token="theirs-9"))

@@ -59,6 +59,7 @@ async def test_values_that_are_not_utf8_do_not_stop_the_rotation(redis: Redis, s
     sync_redis.hset("qbo:connection:100", "oauth_session_data", b"\x80\x04\xff")  # another writer's binary blob
     sync_redis.hset("qbo:connection:101", "access_token", b"\xff\xfe")  # a secret that is not even text
     sync_redis.set("qbo:connection:102", b'{"webhook_verifier_token":"\xff"}')  # a JSON string that is not UTF-8
+    sync_redis.hset(b"qbo:connection:\xfe", "client_secret", "x")  # a key name that is not UTF-8: skipped
 
     report = await Rotator(redis, Keys(), SecretBox([NEW, OLD])).run()
 
