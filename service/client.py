@@ -75,11 +75,15 @@ async def check_durability(redis: Redis, *, require: bool) -> list[str]:
     return problems
 
 
-async def scan_keys(redis: Redis, pattern: str, count: int = 500) -> AsyncIterator[str]:
-    """The names of the keys matching ``pattern``; one that is not UTF-8 (another writer's) is skipped and logged,
-    so it cannot stop a scan over every tenant."""
+async def scan_keys(
+    redis: Redis, pattern: str, count: int = 500, *, skipped: list[bytes] | None = None
+) -> AsyncIterator[str]:
+    """The names of the keys matching ``pattern``; one that is not UTF-8 (another writer's) is skipped, logged and
+    added to ``skipped``, so it cannot stop a scan over every tenant."""
     async for raw in redis.scan_iter(pattern, count, **{NEVER_DECODE: True}):  # type: ignore[arg-type]
         try:
             yield raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
         except UnicodeDecodeError:
             logger.error("skipped a key matching %s whose name is not UTF-8: %r", pattern, raw[:80])
+            if skipped is not None:
+                skipped.append(raw)

@@ -37,10 +37,11 @@ class RotationReport:
     plaintext_left: int = 0  # plain secrets inside JSON strings other writers own: not ours to encrypt
     conflicts: int = 0  # changed by another writer while we worked: run again
     undecryptable: int = 0  # no configured key opens them: left as they are
+    unreadable: int = 0  # connections we cannot read (not UTF-8, not a JSON object): their secrets unchecked
 
     @property
     def complete(self) -> bool:
-        return self.conflicts == 0 and self.undecryptable == 0
+        return self.conflicts == 0 and self.undecryptable == 0 and self.unreadable == 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -67,13 +68,15 @@ class Rotator:
 
     async def _run(self) -> RotationReport:
         report = RotationReport()
-        async for key in scan_keys(self._redis, self._keys.connection_pattern):
+        skipped: list[bytes] = []
+        async for key in scan_keys(self._redis, self._keys.connection_pattern, skipped=skipped):
             report.connections += 1
             kind = await self._redis.type(key)
             if kind == "hash":
                 await self._rotate_hash(key, report)
             elif kind == "string":
                 await self._rotate_json(key, report)
+        report.unreadable += len(skipped)  # key names that are not UTF-8: what they hold was not checked
         await self._rotate_index(report)
         logger.info("key rotation: %s", " ".join(f"{k}={v}" for k, v in report.as_dict().items()))
         return report
@@ -109,6 +112,9 @@ class Rotator:
         except (UnicodeDecodeError, orjson.JSONDecodeError):
             data = None  # not ours to read, nor to rewrite
         if not isinstance(data, dict):
+            # It may hold secrets under the old key: the rotation cannot be called complete.
+            report.unreadable += 1
+            logger.error("cannot rotate the secrets of %s: its string value is not a JSON object in UTF-8", key)
             return
         changed = 0
         for name in sorted(ENCRYPTED_FIELDS & data.keys()):

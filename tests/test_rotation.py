@@ -64,6 +64,8 @@ async def test_values_that_are_not_utf8_do_not_stop_the_rotation(redis: Redis, s
     report = await Rotator(redis, Keys(), SecretBox([NEW, OLD])).run()
 
     assert (report.connections, report.rotated, report.undecryptable, report.conflicts) == (3, 7, 1, 0)
+    assert report.unreadable == 2  # the JSON string and the key name: what they hold was not checked
+    assert not report.complete
     assert raw_field(sync_redis, "qbo:connection:100", "oauth_session_data") == b"\x80\x04\xff"
     assert raw_field(sync_redis, "qbo:connection:101", "access_token") == b"\xff\xfe"
     new_only = SecretBox([NEW])
