@@ -14,7 +14,7 @@ from typing import Any, cast
 import orjson
 from redis.asyncio import Redis
 from redis.client import NEVER_DECODE
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, WatchError
 
 from service.client import scan_keys
 from service.crypto import SecretBox
@@ -29,6 +29,7 @@ NEGATIVE_CACHE_SECONDS = 2.0  # SPEC §4.4: an unregistered realm is remembered 
 # Cache misses read Redis at most this many at a time: a burst of misses (start-up, many realms expiring
 # together) queues here, within each request's deadline, instead of exhausting the connection pool.
 CONCURRENT_READS = 16
+PUT_ATTEMPTS = 5  # reads and writes of one put, when other writers keep changing the connection in between
 
 
 class ConnectionStore:
@@ -231,25 +232,25 @@ class ConnectionStore:
                 f"refusing to store {', '.join(plain_secrets)} in plain text: set QBO_ENCRYPTION_KEYS "
                 "(qbo-webhooks keys generate) or pass --allow-plaintext"
             )
-        kind, data, undecodable = await self._read_raw(metadata.realm_id)
-        if kind == "string" and data is None:
-            raise UnreadableConnection(
-                f"the connection of realm {metadata.realm_id} is stored as a string that is not a JSON object "
-                "(another writer's?); not overwritten: inspect it, then delete it to register the realm anew"
-            )
-        current = self._metadata(data)
-        merged = {**(current.as_dict() if current else {}), **metadata.as_dict()}
-        # A field of ours whose stored value is not UTF-8 (another writer's binary blob) is written back as it was.
-        stored: dict[str, str | bytes] = {name: value for name, value in undecodable.items() if name not in merged}
-        stored.update({k: self._box.encrypt(v) if k in ENCRYPTED_FIELDS else v for k, v in merged.items()})
         key = self._keys.connection(metadata.realm_id)
-        try:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.delete(key)  # the hash becomes exactly our fields, with no expiry (and a JSON string a hash)
-                pipe.hset(key, mapping=cast("dict[Any, Any]", stored))
-                await pipe.execute()
-        except RedisError as exc:
-            raise StorageUnavailable(f"writing the connection failed: {type(exc).__name__}") from exc
+        for _ in range(PUT_ATTEMPTS):
+            try:
+                async with self._redis.pipeline(transaction=True) as pipe:
+                    # Read and write under WATCH: another writer's change in between makes us read again, never
+                    # lost under our write.
+                    await pipe.watch(key)
+                    current, merged, stored = await self._merged(pipe, metadata.realm_id, metadata)
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    pipe.delete(key)  # the hash becomes exactly our fields, with no expiry (and a JSON string a hash)
+                    pipe.hset(key, mapping=cast("dict[Any, Any]", stored))
+                    await pipe.execute()
+                    break
+            except WatchError:
+                continue
+            except RedisError as exc:
+                raise StorageUnavailable(f"writing the connection failed: {type(exc).__name__}") from exc
+        else:
+            raise StorageUnavailable(f"the connection of realm {metadata.realm_id} kept changing; try again")
         token = merged.get("webhook_verifier_token")
         if token:
             await self.note_token(token)
@@ -257,6 +258,23 @@ class ConnectionStore:
             await self.note_token(current.webhook_verifier_token)  # the replaced token is now retiring
         await self._announce(metadata.realm_id)
         return ConnectionMetadata.from_mapping(dict(merged))
+
+    async def _merged(
+        self, reader: Redis, realm_id: str, metadata: ConnectionMetadata
+    ) -> tuple[ConnectionMetadata | None, dict[str, str], dict[str, str | bytes]]:
+        """The stored connection, it merged with ``metadata``, and what to write (secrets encrypted)."""
+        kind, data, undecodable = await self._read_raw(realm_id, reader)
+        if kind == "string" and data is None:
+            raise UnreadableConnection(
+                f"the connection of realm {realm_id} is stored as a string that is not a JSON object "
+                "(another writer's?); not overwritten: inspect it, then delete it to register the realm anew"
+            )
+        current = self._metadata(data)
+        merged = {**(current.as_dict() if current else {}), **metadata.as_dict()}
+        # A field of ours whose stored value is not UTF-8 (another writer's binary blob) is written back as it was.
+        stored: dict[str, str | bytes] = {name: value for name, value in undecodable.items() if name not in merged}
+        stored.update({k: self._box.encrypt(v) if k in ENCRYPTED_FIELDS else v for k, v in merged.items()})
+        return current, merged, stored
 
     async def delete(self, realm_id: str) -> bool:
         """Remove a connection; its token stays known for the retention (SPEC §4.4). True if it existed."""
@@ -329,20 +347,23 @@ class ConnectionStore:
         self._known_tokens_expire = 0.0
         return len(raw) - len(expired)
 
-    async def _read_raw(self, realm_id: str) -> tuple[str, dict[str, object] | None, dict[str, bytes]]:
+    async def _read_raw(
+        self, realm_id: str, reader: Redis | None = None
+    ) -> tuple[str, dict[str, object] | None, dict[str, bytes]]:
         """The key's type, its fields as text (``None``: no readable connection there), and the fields of
-        ``ConnectionMetadata`` whose value is not UTF-8 text, as bytes."""
+        ``ConnectionMetadata`` whose value is not UTF-8 text, as bytes. ``reader``: a pipeline under WATCH."""
         key = self._keys.connection(realm_id)
+        redis = reader if reader is not None else self._redis
         try:
-            reply = await self._redis.type(key)
+            reply = await redis.type(key)
             kind = reply.decode() if isinstance(reply, bytes) else reply
             if kind == "hash":
                 # As bytes, decoded value by value: one value that is not UTF-8 must not make the whole connection
                 # unreadable (nor stop an operator from showing, updating or deleting it).
-                raw = await self._redis.execute_command("HGETALL", key, **{NEVER_DECODE: True})  # type: ignore[no-untyped-call]
+                raw = await redis.execute_command("HGETALL", key, **{NEVER_DECODE: True})  # type: ignore[no-untyped-call]
                 return kind, *_text_fields(realm_id, raw)
             if kind == "string":
-                text = await self._redis.execute_command("GET", key, **{NEVER_DECODE: True})  # type: ignore[no-untyped-call]
+                text = await redis.execute_command("GET", key, **{NEVER_DECODE: True})  # type: ignore[no-untyped-call]
                 return kind, _json_object(text), {}
         except RedisError as exc:
             raise StorageUnavailable(f"reading the connection failed: {type(exc).__name__}") from exc

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import redis as redis_sync
@@ -161,6 +162,33 @@ async def test_rebuild_finds_connections_written_by_others(redis: Redis, sync_re
     assert await s.rebuild_token_index() == 2
     assert set(await s.known_tokens()) == {"theirs", "json-writer"}
     assert await s.realm_ids() == ["5", "6"]
+
+
+async def test_put_never_loses_a_change_another_writer_makes_while_it_runs(
+    redis: Redis, sync_redis: redis_sync.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sync_redis.hset("qbo:connection:31", mapping={"webhook_verifier_token": "tok-31"})
+    s = store(redis)
+    read = s._read_raw
+    reads = 0
+
+    async def read_then_another_writer_writes(*args: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        result = await read(*args)
+        if reads == 1:  # between our read and our write
+            sync_redis.hset("qbo:connection:31", "income_account_id", "theirs")
+        return result
+
+    monkeypatch.setattr(s, "_read_raw", read_then_another_writer_writes)
+    await s.put(ConnectionMetadata(realm_id="31", environment="production"))
+    assert reads == 2  # read again after the other writer's change
+    assert sync_redis.hgetall("qbo:connection:31") == {
+        "webhook_verifier_token": "tok-31",
+        "income_account_id": "theirs",
+        "environment": "production",
+        "realm_id": "31",
+    }
 
 
 async def test_a_key_name_that_is_not_utf8_does_not_stop_scans(redis: Redis, sync_redis: redis_sync.Redis) -> None:
