@@ -247,8 +247,12 @@ def _store(redis: Redis, settings: Settings) -> ConnectionStore:
 async def cmd_connections_put(args: argparse.Namespace, settings: Settings) -> int:
     fields: dict[str, object] = {}
     if args.from_json:
-        text = sys.stdin.read() if args.from_json == "-" else Path(args.from_json).read_text("utf-8")  # noqa: ASYNC240
-        data = json.loads(text)
+        try:
+            text = sys.stdin.read() if args.from_json == "-" else Path(args.from_json).read_text("utf-8")  # noqa: ASYNC240
+            data = json.loads(text)
+        except (OSError, ValueError) as exc:  # unreadable, not UTF-8, or not JSON (messages quote no content)
+            print(f"qbo-webhooks: cannot read --from-json {args.from_json}: {exc}", file=sys.stderr)
+            return 2
         if not isinstance(data, dict):
             print("qbo-webhooks: --from-json needs a JSON object", file=sys.stderr)
             return 2

@@ -264,9 +264,9 @@ class ConnectionStore:
     ) -> tuple[ConnectionMetadata | None, dict[str, str], dict[str, str | bytes]]:
         """The stored connection, it merged with ``metadata``, and what to write (secrets encrypted)."""
         kind, data, undecodable = await self._read_raw(realm_id, reader)
-        if kind == "string" and data is None:
+        if kind != "none" and data is None:
             raise UnreadableConnection(
-                f"the connection of realm {realm_id} is stored as a string that is not a JSON object "
+                f"the connection of realm {realm_id} is stored as a {kind} that is not a hash nor a JSON object "
                 "(another writer's?); not overwritten: inspect it, then delete it to register the realm anew"
             )
         current = self._metadata(data)

@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 
+import orjson
+
 SCHEMA_VERSION = "1"
 
 
@@ -134,9 +136,11 @@ class ConnectionMetadata:
 
     @classmethod
     def from_mapping(cls, data: dict[str, object]) -> ConnectionMetadata:
-        """Known fields only (others' writers may add more); non-string values are kept as their text."""
+        """Known fields only (others' writers may add more); non-string values are kept as their JSON text."""
         known = set(cls.field_names())
-        values = {k: v if isinstance(v, str) else str(v) for k, v in data.items() if k in known and v is not None}
+        values = {
+            k: v if isinstance(v, str) else _json_text(v) for k, v in data.items() if k in known and v is not None
+        }
         return cls(**values)
 
     def as_dict(self) -> dict[str, str]:
@@ -150,6 +154,14 @@ class ConnectionMetadata:
         return f"ConnectionMetadata({inner})"
 
     __str__ = __repr__
+
+
+def _json_text(value: object) -> str:
+    """A non-string value of a JSON connection as JSON text (``{"a":1}``, ``true``), not Python's ``repr``."""
+    try:
+        return orjson.dumps(value).decode("utf-8")
+    except TypeError:  # not a JSON value (a caller's own object): its text
+        return str(value)
 
 
 @dataclass(frozen=True, slots=True)

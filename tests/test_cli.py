@@ -91,6 +91,9 @@ def test_a_json_string_connection_that_is_not_utf8_is_not_overwritten_but_can_be
     assert sync_redis.execute_command("GET", key, **{NEVER_DECODE: True}) == stored  # type: ignore[no-untyped-call]
     assert run(capsys, "connections", "delete", "98")[0] == 0
     assert sync_redis.exists(key) == 0
+    sync_redis.rpush(key, "another writer's list")  # any other type is not overwritten either
+    assert run(capsys, "connections", "put", "98", "--environment", "production")[0] == 2
+    assert sync_redis.type(key) == "list"
 
 
 def test_put_reads_json_and_rejects_bad_realm_ids(
@@ -102,14 +105,24 @@ def test_put_reads_json_and_rejects_bad_realm_ids(
 ) -> None:
     monkeypatch.setenv("QBO_REDIS_URL", redis_url)
     source = tmp_path / "conn.json"  # type: ignore[operator]
-    source.write_text(json.dumps({"webhook_verifier_token": "vt", "environment": "production", "unknown": 1}))
+    session = {"state": "s", "pkce": True}
+    fields = {"webhook_verifier_token": "vt", "environment": "production", "unknown": 1, "oauth_session_data": session}
+    source.write_text(json.dumps(fields))
     assert run(capsys, "connections", "put", "88", "--from-json", str(source))[0] == 0
     assert sync_redis.hgetall("qbo:connection:88") == {
         "webhook_verifier_token": "vt",
         "environment": "production",
+        "oauth_session_data": '{"state":"s","pkce":true}',  # JSON text, not Python's repr
         "realm_id": "88",
     }
     assert run(capsys, "connections", "put", "x88", "--verifier-token", "vt")[0] == 2
+    for bad in (b"{not json", b'{"webhook_verifier_token": "\xff"}'):
+        source.write_bytes(bad)
+        code, _, err = run(capsys, "connections", "put", "88", "--from-json", str(source))
+        assert code == 2
+        assert "cannot read --from-json" in err
+    code, _, err = run(capsys, "connections", "put", "88", "--from-json", str(source) + ".missing")
+    assert (code, "cannot read --from-json" in err) == (2, True)
 
 
 def test_invalid_configuration_stops_with_one_line_per_field(
