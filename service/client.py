@@ -82,7 +82,7 @@ async def scan_keys(
     added to ``skipped``, so it cannot stop a scan over every tenant."""
     async for raw in redis.scan_iter(pattern, count, **{NEVER_DECODE: True}):  # type: ignore[arg-type]
         try:
-            yield raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+            yield raw.decode("utf-8")
         except UnicodeDecodeError:
             logger.error("skipped a key matching %s whose name is not UTF-8: %r", pattern, raw[:80])
             if skipped is not None:

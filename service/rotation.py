@@ -106,10 +106,11 @@ class Rotator:
 
     async def _rotate_json(self, key: str, report: RotationReport) -> None:
         stored = await self._redis.execute_command("GET", key, **{NEVER_DECODE: True})  # type: ignore[no-untyped-call]
+        if not isinstance(stored, bytes):
+            return  # deleted (or replaced by another type) since the scan
         try:
-            text = stored.decode("utf-8") if isinstance(stored, bytes) else None
-            data = orjson.loads(text) if text is not None else None
-        except (UnicodeDecodeError, orjson.JSONDecodeError):
+            data = orjson.loads(stored)  # refuses bytes that are not UTF-8 as well as text that is not JSON
+        except orjson.JSONDecodeError:
             data = None  # not ours to read, nor to rewrite
         if not isinstance(data, dict):
             # It may hold secrets under the old key: the rotation cannot be called complete.
@@ -129,7 +130,7 @@ class Rotator:
                 data[name] = new
                 changed += 1
         if changed:
-            if await self._cas(key, "", str(text), orjson.dumps(data).decode("utf-8")):
+            if await self._cas(key, "", stored.decode("utf-8"), orjson.dumps(data).decode("utf-8")):
                 report.rotated += changed
             else:
                 report.conflicts += changed
