@@ -94,7 +94,7 @@ def parse_body(body: bytes) -> ParsedBody:
 
 def _parse_document(document: object) -> ParsedBody:
     if isinstance(document, list):
-        return ParsedBody(CLOUDEVENTS, tuple(_cloudevent(element) for element in document))
+        return ParsedBody(CLOUDEVENTS, tuple([_cloudevent(element) for element in document]))
     if isinstance(document, dict):
         if "specversion" in document:
             return ParsedBody(CLOUDEVENTS, (_cloudevent(document),))
@@ -102,7 +102,7 @@ def _parse_document(document: object) -> ParsedBody:
             notifications = document["eventNotifications"]
             if not isinstance(notifications, list):
                 return ParsedBody(None, detail="eventNotifications is not an array")
-            return ParsedBody(LEGACY, tuple(item for n in notifications for item in _legacy_notification(n)))
+            return ParsedBody(LEGACY, tuple([item for n in notifications for item in _legacy_notification(n)]))
         return ParsedBody(None, detail="JSON object with neither eventNotifications nor specversion")
     return ParsedBody(None, detail=f"JSON {type(document).__name__} is neither an array nor an object")
 
@@ -178,7 +178,8 @@ def _cloudevent(element: object) -> Event | InvalidEvent:
     occurred = element.get("time")
     occurred_at = occurred if isinstance(occurred, str) else ""
     data = element.get("data")
-    deleted_id = (_text_id(_get_ci(data, "deletedid")) if isinstance(data, dict) else None) or ""
+    # Intuit sends ``"data": {}`` but for merges: an empty object needs no look-up.
+    deleted_id = (_text_id(_get_ci(data, "deletedid")) if data and isinstance(data, dict) else None) or ""
     instant = utc_instant(occurred_at) or f"id:{source_id}"
     return Event(
         event_id(realm_id, entity, entity_id, operation, deleted_id, instant),

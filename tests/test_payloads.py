@@ -110,6 +110,17 @@ def test_merge_deleted_id_any_letter_case(data: dict[str, str]) -> None:
     assert parsed.deleted_id == "27"
 
 
+@pytest.mark.parametrize(
+    "data",
+    [{}, {"deletedid": ""}, {"other": "27"}, [], ["deletedid", "27"], "deletedid", 0, None],
+    ids=["empty", "empty-id", "other-key", "empty-array", "array", "string", "zero", "absent"],
+)
+def test_no_deleted_id_without_one_in_a_data_object(data: object) -> None:
+    (parsed,) = only_events(orjson.dumps([ce(type="qbo.customer.merged.v1", data=data)]))
+    assert parsed.deleted_id == ""
+    assert json.loads(parsed.payload).get("data") == data  # None: no data member at all
+
+
 def test_extra_fields_are_ignored_and_kept_in_payload() -> None:
     (parsed,) = only_events(orjson.dumps([ce(newfield={"x": [1, 2]}, data=None, datacontenttype=None)]))
     assert json.loads(parsed.payload)["newfield"] == {"x": [1, 2]}
