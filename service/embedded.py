@@ -28,11 +28,12 @@ DURABLE_CONFIG = {"appendonly": "yes", "appendfsync": "always", "maxmemory-polic
 # The embedded Redis shares the service's machine, so what its AOF rewrites cost in CPU and disk I/O is taken
 # from the receiver. Without compression the rewrite child spends no time in LZF (about a third of its CPU in
 # bench/), and the larger base file makes rewrites rarer. A rewrite is due when the AOF has grown by 200 % of
-# the base file instead of Redis's default 100 %: what this service writes is almost all new (stream entries,
-# marks of new events), so a rewrite reclaims little but costs a fork, a full copy of the data set and fsync
-# stalls of the main thread; half as many of them cost half as much. In exchange the disk holds more: the base
-# file is about twice as large (2.0 times for bench/'s events) and the AOF grows to three times it, not two,
-# before it is rewritten.
+# the base file instead of Redis's default 100 %. Every rewrite forks, copies the whole data set to disk (with
+# fsyncs that stall the main thread's own) and makes the main thread copy the pages it writes meanwhile; this
+# way there are fewer of them: half as many once the data set stops growing (marks expire, the stream is
+# trimmed), about 0.63 as many, copying about three quarters of the bytes, while it only grows (as in bench/).
+# In exchange the disk holds more: the base file is about twice as large (2.0 times for bench/'s events) and
+# the AOF grows to three times it, not two, before it is rewritten.
 HOST_FRIENDLY_CONFIG = {"rdbcompression": "no", "auto-aof-rewrite-percentage": "200"}
 _MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes on Linux
 

@@ -112,13 +112,16 @@ def test_merge_deleted_id_any_letter_case(data: dict[str, str]) -> None:
 
 @pytest.mark.parametrize(
     "data",
-    [{}, {"deletedid": ""}, {"other": "27"}, [], ["deletedid", "27"], "deletedid", 0, None],
-    ids=["empty", "empty-id", "other-key", "empty-array", "array", "string", "zero", "absent"],
-)
+    [{}, {"deletedid": ""}, {"deletedId": True}, {"other": "27"}, [], ["deletedid", "27"], "deletedid", "", 0, False,
+     None],
+    ids=["empty", "empty-id", "id-not-an-id", "other-key", "empty-array", "array", "string", "empty-string", "zero",
+         "false", "null"],
+)  # fmt: skip
 def test_no_deleted_id_without_one_in_a_data_object(data: object) -> None:
-    (parsed,) = only_events(orjson.dumps([ce(type="qbo.customer.merged.v1", data=data)]))
+    event = ce(type="qbo.customer.merged.v1") | {"data": data}  # ce() drops None members; "data": null is kept
+    (parsed,) = only_events(orjson.dumps([event]))
     assert parsed.deleted_id == ""
-    assert json.loads(parsed.payload).get("data") == data  # None: no data member at all
+    assert json.loads(parsed.payload)["data"] == data
 
 
 def test_extra_fields_are_ignored_and_kept_in_payload() -> None:
