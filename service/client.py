@@ -87,3 +87,20 @@ async def scan_keys(
             logger.error("skipped a key matching %s whose name is not UTF-8: %r", pattern, raw[:80])
             if skipped is not None:
                 skipped.append(raw)
+
+
+async def text_hash(redis: Redis, key: str) -> tuple[dict[str, str], list[bytes]]:
+    """A hash's entries as text, and apart the names of the entries whose name or value is not UTF-8 (logged).
+
+    Read as bytes and decoded entry by entry: one entry another writer garbled costs only itself."""
+    raw: dict[bytes, bytes] = await redis.execute_command("HGETALL", key, **{NEVER_DECODE: True})  # type: ignore[no-untyped-call]
+    entries: dict[str, str] = {}
+    unreadable: list[bytes] = []
+    for name, value in raw.items():
+        try:
+            entries[name.decode("utf-8")] = value.decode("utf-8")
+        except UnicodeDecodeError:
+            unreadable.append(name)
+    if unreadable:
+        logger.error("%s: %d entries are not UTF-8 text; skipped", key, len(unreadable))
+    return entries, unreadable

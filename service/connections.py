@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 from redis.client import NEVER_DECODE
 from redis.exceptions import NoScriptError, RedisError, WatchError
 
-from service.client import scan_keys
+from service.client import scan_keys, text_hash
 from service.crypto import SecretBox
 from service.errors import DecryptionError, EncryptionRequired, StorageUnavailable, UnreadableConnection
 from service.keys import Keys
@@ -125,7 +125,7 @@ class ConnectionStore:
         if now >= self._known_tokens_expire:
             try:
                 async with self._reads:
-                    raw: dict[str, str] = await self._redis.hgetall(self._keys.verifier_tokens)  # type: ignore[assignment]
+                    raw, _ = await text_hash(self._redis, self._keys.verifier_tokens)
             except RedisError as exc:
                 raise StorageUnavailable(f"reading the verifier-token index failed: {type(exc).__name__}") from exc
             self._known_tokens = tuple(self._index_tokens(raw, time.time()))
@@ -340,12 +340,16 @@ class ConnectionStore:
                 seen[fingerprint(route.token)] = route.token
         for token in seen.values():
             await self.note_token(token, now)
-        raw: dict[str, str] = await self._redis.hgetall(self._keys.verifier_tokens)  # type: ignore[assignment]
-        expired = [fp for fp, v in raw.items() if fp not in seen and _expired(v, now, self._retired_seconds)]
+        # Entries another writer garbled (not UTF-8) are skipped when read, and removed here: the index is ours.
+        raw, unreadable = await text_hash(self._redis, self._keys.verifier_tokens)
+        expired: list[str | bytes] = [
+            fp for fp, v in raw.items() if fp not in seen and _expired(v, now, self._retired_seconds)
+        ]
+        expired.extend(unreadable)
         if expired:
             await self._redis.hdel(self._keys.verifier_tokens, *expired)
         self._known_tokens_expire = 0.0
-        return len(raw) - len(expired)
+        return len(raw) + len(unreadable) - len(expired)
 
     async def _read_raw(
         self, realm_id: str, reader: Redis | None = None

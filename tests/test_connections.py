@@ -200,6 +200,16 @@ async def test_a_key_name_that_is_not_utf8_does_not_stop_scans(redis: Redis, syn
     assert set(await s.known_tokens()) == {"tok-5"}
 
 
+async def test_rebuild_removes_index_entries_that_are_not_utf8(redis: Redis, sync_redis: redis_sync.Redis) -> None:
+    sync_redis.hset("qbo:connection:5", mapping={"webhook_verifier_token": "tok-5"})
+    sync_redis.hset("qbo:verifier-tokens", "garbled", b'{"token": "\xff", "last_seen": 9e9}')
+    sync_redis.hset("qbo:verifier-tokens", b"\xfe", json.dumps({"token": "x", "last_seen": 9e9}))
+    s = store(redis)
+    assert await s.rebuild_token_index() == 1
+    assert set(await s.known_tokens()) == {"tok-5"}
+    assert sync_redis.hkeys("qbo:verifier-tokens") == [fingerprint("tok-5")]
+
+
 async def test_a_token_no_key_decrypts_never_enters_the_index(redis: Redis, sync_redis: redis_sync.Redis) -> None:
     stranger = Fernet.generate_key().decode()
     await store(redis, stranger).put(ConnectionMetadata(realm_id="9", webhook_verifier_token="theirs-9"))

@@ -245,6 +245,18 @@ def test_unknown_realm_is_dead_lettered_when_a_known_token_verifies(
     assert events(sync_redis) == []
 
 
+def test_unreadable_token_index_entries_are_skipped_not_a_503(client: TestClient, sync_redis: redis_sync.Redis) -> None:
+    # Another writer left bytes that are not UTF-8 in the index (a value, and a field name): the entries are
+    # unusable, the readable one still recognises the delivery.
+    register(sync_redis, "123", "tok")
+    sync_redis.hset("qbo:verifier-tokens", fingerprint("tok"), orjson.dumps({"token": "tok", "last_seen": 9e9}))
+    sync_redis.hset("qbo:verifier-tokens", "garbled-value", b'{"token": "\xff\xfe", "last_seen": 9e9}')
+    sync_redis.hset("qbo:verifier-tokens", b"\xff-name", orjson.dumps({"token": "other", "last_seen": 9e9}))
+    response = post(client, ce_body("999"), "tok")
+    assert response.status_code == 200
+    assert [letter["reason"] for letter in dead_letters(sync_redis)] == ["unknown_realm"]
+
+
 def test_realm_without_token_is_dead_lettered_as_unknown(client: TestClient, sync_redis: redis_sync.Redis) -> None:
     register(sync_redis, "123", "tok")
     register(sync_redis, "456", None)

@@ -73,6 +73,21 @@ async def test_values_that_are_not_utf8_do_not_stop_the_rotation(redis: Redis, s
     assert new_only.decrypt(str(sync_redis.hget("qbo:connection:101", "client_secret"))) == "rot-client-secret-2-1"
 
 
+async def test_index_entries_that_are_not_utf8_do_not_stop_the_rotation(
+    redis: Redis, sync_redis: redis_sync.Redis
+) -> None:
+    await seed(redis, realms=1)
+    sync_redis.hset("qbo:verifier-tokens", "garbled", b'{"token": "\xff", "last_seen": 9e9}')  # another writer's
+
+    report = await Rotator(redis, Keys(), SecretBox([NEW, OLD])).run()
+
+    assert (report.index_rotated, report.unreadable, report.undecryptable, report.conflicts) == (1, 1, 0, 0)
+    assert not report.complete  # what the garbled entry holds was not checked
+    assert raw_field(sync_redis, "qbo:verifier-tokens", "garbled") == b'{"token": "\xff", "last_seen": 9e9}'
+    entry = orjson.loads(str(sync_redis.hget("qbo:verifier-tokens", fingerprint("rot-verifier-1-0"))))
+    assert SecretBox([NEW]).decrypt(entry["token"]) == "rot-verifier-1-0"
+
+
 async def test_rotate_moves_every_secret_to_the_first_key(redis: Redis, sync_redis: redis_sync.Redis) -> None:
     await seed(redis)
     assert all(SecretBox([OLD]).is_current(v) for v in stored_secrets(sync_redis))
