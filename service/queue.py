@@ -222,7 +222,7 @@ class StreamRecorder:
         for request in batch:
             mine = statuses[position : position + len(request.events)]
             position += len(request.events)
-            appended = sum(1 for status in mine if int(status) == 1)
+            appended = mine.count(1)  # integer replies
             results.append(RecordResult(appended, len(mine) - appended, len(request.letters)))
         return results
 

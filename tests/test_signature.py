@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
+import string
 import time
 
 import pytest
@@ -65,6 +67,20 @@ def test_malformed_headers_are_one_verification_error(values: list[str], reason:
     with pytest.raises(SignatureError) as caught:
         parse_header(values)
     assert caught.value.reason == reason
+
+
+@pytest.mark.parametrize("last", list(string.ascii_letters + string.digits + "+/="))
+def test_exactly_one_spelling_of_each_signature_is_accepted(last: str) -> None:
+    value = _GOOD[:42] + last + "="
+    try:
+        canonical = base64.b64encode(base64.b64decode(value, validate=True)).decode() == value
+    except binascii.Error:
+        canonical = False
+    if canonical:
+        assert parse_header([value]) == base64.b64decode(value)
+    else:
+        with pytest.raises(SignatureError):
+            parse_header([value])
 
 
 def test_find_verifying_token_tries_each_distinct_token() -> None:
