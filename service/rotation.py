@@ -37,7 +37,7 @@ class RotationReport:
     plaintext_left: int = 0  # plain secrets inside JSON strings other writers own: not ours to encrypt
     conflicts: int = 0  # changed by another writer while we worked: run again
     undecryptable: int = 0  # no configured key opens them: left as they are
-    unreadable: int = 0  # connections or index entries we cannot read (not UTF-8, not a JSON object): unchecked
+    unreadable: int = 0  # connections we cannot read (not UTF-8, not a JSON object), index entries not UTF-8
 
     @property
     def complete(self) -> bool:

@@ -79,8 +79,9 @@ def test_exactly_one_spelling_of_each_signature_is_accepted(last: str) -> None:
     if canonical:
         assert parse_header([value]) == base64.b64decode(value)
     else:
-        with pytest.raises(SignatureError):
+        with pytest.raises(SignatureError) as caught:
             parse_header([value])
+        assert caught.value.reason == "malformed"
 
 
 def test_find_verifying_token_tries_each_distinct_token() -> None:
