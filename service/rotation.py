@@ -171,5 +171,5 @@ class Rotator:
     async def _cas(self, key: str, name: str, old: str, new: str) -> bool:
         try:
             return bool(await self._swap(keys=[key], args=[name, old, new]))
-        except ResponseError:  # the key changed type under us
+        except ResponseError:  # not expected (the script checks the key's type): counted as a conflict, run again
             return False

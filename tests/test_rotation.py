@@ -88,6 +88,19 @@ async def test_index_entries_that_are_not_utf8_do_not_stop_the_rotation(
     assert SecretBox([NEW]).decrypt(entry["token"]) == "rot-verifier-1-0"
 
 
+async def test_an_index_entry_with_an_empty_name_is_rotated(redis: Redis, sync_redis: redis_sync.Redis) -> None:
+    # Another writer's entry under the field name "": a hash field like any other, not "the key is a string".
+    old_token = SecretBox([OLD]).encrypt("theirs")
+    sync_redis.hset("qbo:verifier-tokens", "", orjson.dumps({"token": old_token, "last_seen": 9e9}))
+
+    report = await Rotator(redis, Keys(), SecretBox([NEW, OLD])).run()
+
+    assert (report.index_rotated, report.conflicts) == (1, 0)
+    assert report.complete
+    entry = orjson.loads(str(sync_redis.hget("qbo:verifier-tokens", "")))
+    assert SecretBox([NEW]).decrypt(entry["token"]) == "theirs"
+
+
 async def test_rotate_moves_every_secret_to_the_first_key(redis: Redis, sync_redis: redis_sync.Redis) -> None:
     await seed(redis)
     assert all(SecretBox([OLD]).is_current(v) for v in stored_secrets(sync_redis))
