@@ -89,18 +89,20 @@ async def scan_keys(
                 skipped.append(raw)
 
 
-async def text_hash(redis: Redis, key: str) -> tuple[dict[str, str], list[bytes]]:
-    """A hash's entries as text, and apart the names of the entries whose name or value is not UTF-8 (logged).
+async def text_hash(redis: Redis, key: str) -> tuple[dict[str, str], dict[bytes, bytes]]:
+    """A hash's entries as text, and apart, as bytes, the entries whose name or value is not UTF-8 (logged by name).
 
-    Read as bytes and decoded entry by entry: one entry another writer garbled costs only itself."""
+    Read as bytes and decoded entry by entry: one entry another writer garbled costs only itself. ``redis`` may be
+    a pipeline under WATCH."""
     raw: dict[bytes, bytes] = await redis.execute_command("HGETALL", key, **{NEVER_DECODE: True})  # type: ignore[no-untyped-call]
     entries: dict[str, str] = {}
-    unreadable: list[bytes] = []
+    unreadable: dict[bytes, bytes] = {}
     for name, value in raw.items():
         try:
             entries[name.decode("utf-8")] = value.decode("utf-8")
         except UnicodeDecodeError:
-            unreadable.append(name)
+            unreadable[name] = value
     if unreadable:
-        logger.error("%s: %d entries are not UTF-8 text; skipped", key, len(unreadable))
+        names = ", ".join(repr(name)[:80] for name in unreadable)  # names only: a value may be a secret
+        logger.error("%s: entries that are not UTF-8 text skipped: %s", key, names[:400])
     return entries, unreadable

@@ -362,10 +362,11 @@ class ConnectionStore:
             reply = await redis.type(key)
             kind = reply.decode() if isinstance(reply, bytes) else reply
             if kind == "hash":
-                # As bytes, decoded value by value: one value that is not UTF-8 must not make the whole connection
-                # unreadable (nor stop an operator from showing, updating or deleting it).
-                raw = await redis.execute_command("HGETALL", key, **{NEVER_DECODE: True})  # type: ignore[no-untyped-call]
-                return kind, *_text_fields(realm_id, raw)
+                # One value that is not UTF-8 must not make the whole connection unreadable (nor stop an operator
+                # from showing, updating or deleting it); one of our fields holding one is kept as bytes.
+                fields, unreadable = await text_hash(redis, key)
+                ours = {name.decode(): value for name, value in unreadable.items() if name in _METADATA_NAMES}
+                return kind, dict(fields), ours
             if kind == "string":
                 text = await redis.execute_command("GET", key, **{NEVER_DECODE: True})  # type: ignore[no-untyped-call]
                 return kind, _json_object(text), {}
@@ -385,25 +386,7 @@ def _text(realm_id: str, name: str, value: object) -> str | None:
         return None
 
 
-def _text_fields(realm_id: str, raw: dict[bytes, bytes]) -> tuple[dict[str, object], dict[str, bytes]]:
-    """A hash read as bytes: its fields as text, and apart the fields of ours whose value is not UTF-8 (logged).
-
-    A field whose name is not UTF-8 is not one of ours: left out (logged)."""
-    fields: dict[str, object] = {}
-    undecodable: dict[str, bytes] = {}
-    for name, value in raw.items():
-        text_name = _text(realm_id, "a field name", name)
-        if text_name is None:
-            continue
-        text_value = _text(realm_id, text_name, value)
-        if text_value is not None:
-            fields[text_name] = text_value
-        elif text_name in _METADATA_FIELDS:
-            undecodable[text_name] = value
-    return fields, undecodable
-
-
-_METADATA_FIELDS = frozenset(ConnectionMetadata.field_names())
+_METADATA_NAMES = frozenset(name.encode() for name in ConnectionMetadata.field_names())  # as stored: bytes
 
 
 def _json_object(text: object) -> dict[str, Any] | None:
