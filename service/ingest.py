@@ -12,7 +12,6 @@ import base64
 import logging
 import time
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Protocol
 
 from service.errors import SignatureError
@@ -54,27 +53,48 @@ class Recorder(Protocol):
     def flush(self) -> None: ...
 
 
-@dataclass(slots=True)
+# Plain classes, not dataclasses: compiled (service/compiled.py), a dataclass's __init__ would still run as Python.
 class IngestReport:
     """What a delivery produced; also the material of the request's log line and metrics."""
 
-    realms: int = 0
-    accepted: int = 0
-    duplicates: int = 0
-    dead_lettered: int = 0
-    reasons: dict[str, int] = field(default_factory=dict)
-    format: str = ""
+    __slots__ = ("accepted", "dead_lettered", "duplicates", "format", "realms", "reasons")
+
+    def __init__(self, realms: int = 0, format: str = "") -> None:
+        self.realms = realms
+        self.accepted = 0
+        self.duplicates = 0
+        self.dead_lettered = 0
+        self.reasons: dict[str, int] = {}
+        self.format = format
+
+    def __repr__(self) -> str:
+        return (
+            f"IngestReport(realms={self.realms}, accepted={self.accepted}, duplicates={self.duplicates}, "
+            f"dead_lettered={self.dead_lettered}, reasons={self.reasons!r}, format={self.format!r})"
+        )
+
+    def _fields(self) -> tuple[int, int, int, int, dict[str, int], str]:
+        return (self.realms, self.accepted, self.duplicates, self.dead_lettered, self.reasons, self.format)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, IngestReport):
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like the dataclass it replaced
 
 
-@dataclass(slots=True)
 class _Delivery:
     """A delivery waiting for the next batch; ``done`` gets its write's result, or ``None``: take the general path."""
 
-    body: bytes
-    signature: bytes
-    done: asyncio.Future[RecordResult | None]
-    parsed: ParsedBody | None = None
-    report: IngestReport | None = None
+    __slots__ = ("body", "done", "parsed", "report", "signature")
+
+    def __init__(self, body: bytes, signature: bytes, done: asyncio.Future[RecordResult | None]) -> None:
+        self.body = body
+        self.signature = signature
+        self.done = done
+        self.parsed: ParsedBody | None = None
+        self.report: IngestReport | None = None
 
 
 class Ingestor:

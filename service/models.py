@@ -34,25 +34,55 @@ EVENT_FIELDS = (
 )
 
 
-@dataclass(slots=True)
 class Event:
     """One change event, in the one schema both of Intuit's payload formats are normalised into.
 
-    Not frozen: one is made per event on the hot path, and routing sets ``environment`` on it.
+    Not frozen: one is made per event on the hot path, and routing sets ``environment`` on it. A plain class, not
+    a dataclass: compiled (``service/compiled.py``), a dataclass's ``__init__`` would still run as Python.
     """
 
-    event_id: str
-    source_id: str
-    realm_id: str
-    entity: str
-    entity_id: str
-    operation: str
-    deleted_id: str
-    occurred_at: str
-    type: str
-    format: str
-    payload: str
-    environment: str = ""
+    __slots__ = (
+        *("event_id", "source_id", "realm_id", "entity", "entity_id", "operation", "deleted_id", "occurred_at"),
+        *("type", "format", "payload", "environment"),
+    )
+
+    def __init__(
+        self,
+        event_id: str,
+        source_id: str,
+        realm_id: str,
+        entity: str,
+        entity_id: str,
+        operation: str,
+        deleted_id: str,
+        occurred_at: str,
+        type: str,
+        format: str,
+        payload: str,
+        environment: str = "",
+    ) -> None:
+        self.event_id = event_id
+        self.source_id = source_id
+        self.realm_id = realm_id
+        self.entity = entity
+        self.entity_id = entity_id
+        self.operation = operation
+        self.deleted_id = deleted_id
+        self.occurred_at = occurred_at
+        self.type = type
+        self.format = format
+        self.payload = payload
+        self.environment = environment
+
+    def __repr__(self) -> str:
+        return f"Event(event_id={self.event_id!r}, realm_id={self.realm_id!r}, type={self.type!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Event):
+            return NotImplemented
+        return self.stream_values("") == other.stream_values("")
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like the dataclass it was
 
     def stream_values(self, received_at: str) -> list[str]:
         """The values of this event's ``qbo:events`` entry, in ``EVENT_FIELDS`` order (SPEC §5.2)."""
@@ -153,7 +183,8 @@ class ConnectionMetadata:
         inner = ", ".join(f"{name}={value!r}" for name, value in self.masked().items())
         return f"ConnectionMetadata({inner})"
 
-    __str__ = __repr__
+    def __str__(self) -> str:
+        return self.__repr__()
 
 
 def _json_text(value: object) -> str:

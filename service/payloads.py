@@ -10,7 +10,6 @@ import functools
 import hashlib
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
 import orjson
@@ -60,13 +59,21 @@ _MAX_ID = 1024
 _BOM = b"\xef\xbb\xbf"
 
 
-@dataclass(frozen=True, slots=True)
 class ParsedBody:
-    """A body's events in received order, or ``format is None`` when the body is unparseable."""
+    """A body's events in received order, or ``format is None`` when the body is unparseable.
 
-    format: str | None
-    items: tuple[Event | InvalidEvent, ...] = ()
-    detail: str = ""
+    A plain class, not a dataclass: compiled (``service/compiled.py``), a dataclass's ``__init__`` runs as Python.
+    """
+
+    __slots__ = ("detail", "format", "items")
+
+    def __init__(self, format: str | None, items: tuple[Event | InvalidEvent, ...] = (), detail: str = "") -> None:
+        self.format = format
+        self.items = items
+        self.detail = detail
+
+    def __repr__(self) -> str:
+        return f"ParsedBody(format={self.format!r}, items={self.items!r}, detail={self.detail!r})"
 
     @property
     def unparseable(self) -> bool:

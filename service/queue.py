@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -42,19 +41,46 @@ if _LAST_FIELD != "payload":  # the schema and record.lua must agree; checked ev
     raise RuntimeError(f"record.lua expects the payload as the last event field, not {_LAST_FIELD!r}")
 
 
-@dataclass(frozen=True, slots=True)
+# Plain classes, not dataclasses: compiled (service/compiled.py), a dataclass's __init__ would still run as Python.
 class RecordResult:
-    accepted: int = 0
-    duplicates: int = 0
-    dead_lettered: int = 0
+    """What one request's write did: events appended, events that were duplicates, dead letters appended."""
+
+    __slots__ = ("accepted", "dead_lettered", "duplicates")
+
+    def __init__(self, accepted: int = 0, duplicates: int = 0, dead_lettered: int = 0) -> None:
+        self.accepted = accepted
+        self.duplicates = duplicates
+        self.dead_lettered = dead_lettered
+
+    def __repr__(self) -> str:
+        return f"RecordResult({self.accepted}, {self.duplicates}, {self.dead_lettered})"
+
+    def _fields(self) -> tuple[int, int, int]:
+        return (self.accepted, self.duplicates, self.dead_lettered)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RecordResult):
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
 
 
-@dataclass(slots=True)
 class _Request:
-    events: Sequence[Event]
-    letters: Sequence[DeadLetter]
-    received_at: str
-    done: asyncio.Future[RecordResult]
+    __slots__ = ("done", "events", "letters", "received_at")
+
+    def __init__(
+        self,
+        events: Sequence[Event],
+        letters: Sequence[DeadLetter],
+        received_at: str,
+        done: asyncio.Future[RecordResult],
+    ) -> None:
+        self.events = events
+        self.letters = letters
+        self.received_at = received_at
+        self.done = done
 
 
 class StreamRecorder:
@@ -284,8 +310,8 @@ class _Call:
             if not recorder._use_client:
                 try:
                     await self.line.connect()
-                except Unsupported as exc:
-                    logger.warning("recording through the client instead of connections of its own: %s", exc)
+                except Unsupported as unsupported:  # a name of its own: compiled, a name has one type
+                    logger.warning("recording through the client instead of connections of its own: %s", unsupported)
                     recorder._use_client = True
             if recorder._use_client:
                 recorder._finish(self, await recorder._call_with_client(self.keys, self.args))
