@@ -5,9 +5,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint format bench clean
+# NATIVE=0 runs the package as plain Python: `make native` then removes the compiled modules instead of
+# building them (service/compiled.py says which and why).
+NATIVE ?= 1
 
-install: $(STAMP)
+.PHONY: install native run test lint format bench clean
+
+install: $(STAMP) native
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,10 +19,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-run: $(STAMP)
+# Compiles the hot-path modules with mypyc when their source changed since the last build (a no-op otherwise).
+native: $(STAMP)
+ifeq ($(NATIVE),0)
+	$(BIN)/python -m service.compiled remove
+else
+	$(BIN)/python -m service.compiled build
+endif
+
+run: $(STAMP) native
 	$(BIN)/qbo-webhooks serve
 
-test: $(STAMP)
+test: $(STAMP) native
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
@@ -30,8 +42,8 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix service tests bench
 	$(BIN)/ruff format service tests bench
 
-bench: $(STAMP)
+bench: $(STAMP) native
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache service/*.so service/_compiled.json

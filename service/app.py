@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service import compiled
 from service.client import check_durability, make_redis
 from service.connections import ConnectionStore
 from service.crypto import SecretBox
@@ -41,6 +42,7 @@ def create_app(settings: Settings | None = None, *, redis: Redis | None = None) 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:  # closes what was opened, even if start-up fails
+            _log_compiled_state()
             client = redis if redis is not None else await _open_redis(settings, stack)
             await check_durability(client, require=settings.require_durable)
             keys = Keys(settings.key_prefix)
@@ -120,6 +122,12 @@ class ReceiverApp(Starlette):
             await self._webhook(scope, receive, send)
             return
         await super().__call__(scope, receive, send)
+
+
+def _log_compiled_state() -> None:
+    states = compiled.state()
+    level = logging.WARNING if "stale" in states.values() else logging.INFO
+    logger.log(level, "hot-path modules: %s", compiled.summary())
 
 
 async def _open_redis(settings: Settings, stack: contextlib.AsyncExitStack) -> Redis:

@@ -14,10 +14,21 @@ import redis as redis_sync
 from redis.asyncio import Redis
 from starlette.testclient import TestClient
 
+from service import compiled
 from service.app import create_app
 from service.embedded import EmbeddedRedis
 from service.settings import Settings
 from tests.procs import free_port
+
+
+def pytest_report_header() -> str:
+    return f"service modules: {compiled.summary()}"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # A compiled copy of other source would test old code: refuse rather than pass or fail on it.
+    if any(value == "stale" for value in compiled.state().values()):
+        pytest.exit(f"service modules: {compiled.summary()}", returncode=4)
 
 
 @pytest.fixture

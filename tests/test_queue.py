@@ -113,17 +113,12 @@ async def test_dead_letter_stream_is_capped(recorders: Recorders, sync_redis: re
 
 
 async def test_a_call_that_cannot_be_built_fails_its_group_only(
-    recorders: Recorders, sync_redis: redis_sync.Redis, monkeypatch: pytest.MonkeyPatch
+    recorders: Recorders, sync_redis: redis_sync.Redis
 ) -> None:
     recorder = recorders()
-    original = queue._Call.__init__
-
-    def broken(self: queue._Call, owner: StreamRecorder, line: Any, batch: list[Any]) -> None:
-        raise ValueError("cannot build")
-
-    monkeypatch.setattr(queue._Call, "__init__", broken)
+    # A value the call's JSON argument cannot hold: building the call fails (no domain code makes one).
+    unbuildable = DeadLetter(DeadLetterReason.INVALID_EVENT, "1", "d", "f", "{}", extra={"x": object()})  # type: ignore[dict-item]
     with pytest.raises(StorageUnavailable):
-        await recorder.record([make_event(1)], [], "t")
-    monkeypatch.setattr(queue._Call, "__init__", original)
+        await recorder.record([make_event(1)], [unbuildable], "t")
     assert (await recorder.record([make_event(2)], [], "t")).accepted == 1  # the line was given back
     assert sync_redis.xlen("qbo:events") == 1
