@@ -29,6 +29,7 @@ from bench.procstat import busy_between, cpu_ticks, tree_cpu_seconds
 from bench.report import OTHER_CPU_WARNING, format_table
 from bench.traffic import Tenant, generate, http_request, make_tenants, write_pool
 from bench.wrkcheck import ensure_wrk, run_wrk
+from service import compiled
 from service.embedded import EmbeddedRedis
 
 RESULTS = ROOT / "bench" / "results"
@@ -51,14 +52,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--no-wrk-check", action="store_true", help="skip driving the bare app with wrk too")
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="measure (A) then (B) this many times, alternating; the table shows the median round (default 3)",
+    )
+    parser.add_argument(
         "--retries", type=int, default=3, help="measure a side again when other work ran meanwhile (default 3)"
     )
     parser.add_argument(
         "--quiet-wait", type=float, default=120.0, help="seconds to wait for other load on the machine to stop"
     )
     args = parser.parse_args(argv)
-    if args.connections < 1 or args.duration <= 0 or args.warmup < 0:
-        parser.error("--connections must be >= 1, --duration > 0, --warmup >= 0")
+    if args.connections < 1 or args.duration <= 0 or args.warmup < 0 or args.rounds < 1:
+        parser.error("--connections and --rounds must be >= 1, --duration > 0, --warmup >= 0")
     return args
 
 
@@ -72,6 +79,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "options": vars(args) | {"pool": pool_size},
         "machine": machine(),
         "pinning": pin_note,
+        "service_modules": compiled.summary(),  # (B) runs what make native left: compiled or plain Python
     }
     print(f"generating {pool_size} signed deliveries for {len(tenants)} realms ...", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="qbo-bench-") as tmp:
@@ -89,31 +97,54 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         write_pool(pool_path, requests())
         result["pool_events"] = sum(event_counts)
-        if args.only in (None, "bare"):
-            result["bare"] = attempts(
-                args, "(A) bare Starlette", lambda _: measure_bare(args, pool_path, server_cpu, load_cpu)
-            )
-            wrk = None if args.no_wrk_check else ensure_wrk()
-            if wrk is not None:
-                result["bare_wrk"] = attempts(
-                    args,
-                    "(A) bare Starlette driven by wrk (cross-check of the load generator)",
-                    lambda _: measure_bare_wrk(args, wrk, samples[0], Path(tmp), server_cpu, load_cpu),
+        # The machine's speed drifts over tens of seconds (shared hosts), so one (A) then one (B) can compare a fast
+        # spell with a slow one. Rounds alternate the two sides; each round's ratio compares neighbours in time.
+        rounds: list[dict[str, Any]] = []
+        for number in range(1, args.rounds + 1):
+            tag = f", round {number} of {args.rounds}" if args.rounds > 1 else ""
+            measured: dict[str, Any] = {}
+            if args.only in (None, "bare"):
+                measured["bare"] = attempts(
+                    args, f"(A) bare Starlette{tag}", lambda _: measure_bare(args, pool_path, server_cpu, load_cpu)
                 )
-        if args.only in (None, "service"):
-            result["service"] = attempts(
+            if args.only in (None, "service"):
+                measured["service"] = attempts(
+                    args,
+                    f"(B) service{tag}",
+                    # A fresh Redis per attempt: the events of the pool must be new to it.
+                    lambda n, number=number: measure_service(  # type: ignore[misc]
+                        args, pool_path, tenants, event_counts, Path(tmp) / f"redis-{number}-{n}", server_cpu, load_cpu
+                    ),
+                )
+            rounds.append(measured)
+        result["rounds"] = rounds
+        result.update(median_round(rounds))
+        wrk = None if args.only == "service" or args.no_wrk_check else ensure_wrk()
+        if wrk is not None:
+            result["bare_wrk"] = attempts(
                 args,
-                "(B) service",
-                # A fresh Redis per attempt: the events of the pool must be new to it.
-                lambda n: measure_service(
-                    args, pool_path, tenants, event_counts, Path(tmp) / f"redis-{n}", server_cpu, load_cpu
-                ),
+                "(A) bare Starlette driven by wrk (cross-check of the load generator)",
+                lambda _: measure_bare_wrk(args, wrk, samples[0], Path(tmp), server_cpu, load_cpu),
             )
     print(format_table(result))
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-w{args.workers}.json"
     out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(f"result written to {out.relative_to(ROOT)}")
+
+
+def median_round(rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The round the table shows: the median by B/A when both sides ran, else by the side's rate (the lower
+    middle one of an even count)."""
+
+    def key(measured: dict[str, Any]) -> float:
+        if "bare" in measured and "service" in measured:
+            return float(measured["service"]["ok_per_second"] / max(measured["bare"]["ok_per_second"], 1e-9))
+        side = measured.get("service") or measured["bare"]
+        return float(side["ok_per_second"])
+
+    ordered = sorted(rounds, key=key)
+    return ordered[(len(ordered) - 1) // 2]
 
 
 def attempts(args: argparse.Namespace, label: str, measure: Callable[[int], dict[str, Any]]) -> dict[str, Any]:

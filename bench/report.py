@@ -34,12 +34,24 @@ def _row(label: str, side: dict[str, Any]) -> str:
     )
 
 
+def _round_line(measured: dict[str, Any]) -> str:
+    parts = []
+    for label, name in (("A", "bare"), ("B", "service")):
+        if name in measured:
+            side = measured[name]
+            parts.append(f"{label} {side['ok_per_second']:.0f}/s p99 {side['latency_ms']['p99']:.2f} ms")
+    if "bare" in measured and "service" in measured:
+        parts.append(f"B/A {measured['service']['ok_per_second'] / measured['bare']['ok_per_second']:.2f}")
+    return ", ".join(parts)
+
+
 def format_table(result: dict[str, Any]) -> str:
     options = result["options"]
     lines = [
         f"workers={options['workers']} connections={options['connections']} duration={options['duration']:g}s "
         f"warm-up={options['warmup']:g}s realms={options['realms']} tokens={options['tokens']}",
         f"pinning: {result['pinning']}",
+        f"service modules: {result.get('service_modules', 'not recorded')}",
         f"{'':<22}{'200/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'non-200':>9}"
         f"{'cpu srv':>9}{'load':>7}{'redis':>7}{'other':>7}",
     ]
@@ -55,6 +67,10 @@ def format_table(result: dict[str, Any]) -> str:
         )
     if service:
         lines.append(_row("(B) service", service))
+    rounds: list[dict[str, Any]] = result.get("rounds", [])
+    if len(rounds) > 1:
+        lines.append(f"rounds (A then B, alternating; the rows above are the median round, by B/A): {len(rounds)}")
+        lines.extend(f"  {n}: {_round_line(measured)}" for n, measured in enumerate(rounds, 1))
     if bare and service:
         lines.append(f"B/A = {service['ok_per_second'] / bare['ok_per_second']:.2f}")
     for label, side in (("(A)", bare), ("(A) with wrk", wrk), ("(B)", service)):
@@ -67,13 +83,16 @@ def format_table(result: dict[str, Any]) -> str:
         commands, scripts = redis_per_request(service)
         breakdown = ", ".join(f"{name} {n}" for name, n in service["commandstats"].items() if name != "info")
         lines.append(f"Redis commands per accepted request: {commands:.2f} (script calls {scripts:.3f}; {breakdown})")
-        check = service["check"]
-        verdict = "OK: 0 lost, 0 duplicated" if check["ok"] else "MISMATCH"
-        lines.append(
-            f"count check: events accepted in 200 answers {check['accepted_in_200s']}, new qbo:events entries "
-            f"{check['new_stream_entries']}, distinct event_ids {check['distinct_event_ids']}, "
-            f"new dead letters {check['new_dead_letters']} -> {verdict}"
-        )
-        if service["pool_wrapped"]:
+        services = [measured["service"] for measured in rounds if "service" in measured] or [service]
+        for n, side in enumerate(services, 1):
+            check = side["check"]
+            verdict = "OK: 0 lost, 0 duplicated" if check["ok"] else "MISMATCH"
+            label = f"count check, round {n}" if len(services) > 1 else "count check"
+            lines.append(
+                f"{label}: events accepted in 200 answers {check['accepted_in_200s']}, new qbo:events entries "
+                f"{check['new_stream_entries']}, distinct event_ids {check['distinct_event_ids']}, "
+                f"new dead letters {check['new_dead_letters']} -> {verdict}"
+            )
+        if any(side["pool_wrapped"] for side in services):
             lines.append("warning: the request pool was reused, so some events were duplicates; raise --pool")
     return "\n".join(lines)

@@ -143,3 +143,53 @@ def test_cpu_time_of_a_child_that_ended_counts_for_its_parent() -> None:
             assert tree_cpu_seconds(parent.pid) >= 0.35
         finally:
             parent.kill()
+
+
+def measured_side(rate: float, *, lost: int = 0) -> dict[str, object]:
+    """One side's figures as the harness records them (only what the report reads)."""
+    return {
+        "ok_per_second": rate,
+        "latency_ms": {"p50": 3.0, "p99": 9.0},
+        "cpu_busy": {"server": 1.0, "load": 0.5, "redis": 0.3},
+        "other_cpu": 0.0,
+        "commandstats": {"evalsha": 10, "info": 2},
+        "window": {"statuses": {"200": 1000}},
+        "total": {"statuses": {"200": 1200}, "unanswered": 0},
+        "check": {
+            "accepted_in_200s": 1500,
+            "new_stream_entries": 1500 - lost,
+            "distinct_event_ids": 1500 - lost,
+            "new_dead_letters": 0,
+            "ok": lost == 0,
+        },
+        "pool_wrapped": False,
+    }
+
+
+def test_the_table_shows_the_median_round_and_checks_every_round() -> None:
+    from bench.harness import median_round
+
+    rounds = [
+        {"bare": measured_side(10000), "service": measured_side(7000)},  # 0.70
+        {"bare": measured_side(10000), "service": measured_side(5000, lost=1)},  # 0.50
+        {"bare": measured_side(12000), "service": measured_side(7200)},  # 0.60: the median
+    ]
+    assert median_round(rounds) is rounds[2]
+    options = {"workers": 1, "connections": 64, "duration": 10, "warmup": 2, "realms": 200, "tokens": 20}
+    result = {"options": options, "pinning": "-", "rounds": rounds, **median_round(rounds)}
+    table = report.format_table(result)
+    assert "B/A = 0.60" in table
+    assert [line for line in table.splitlines() if line[:4] in ("  1:", "  2:", "  3:")] == [
+        "  1: A 10000/s p99 9.00 ms, B 7000/s p99 9.00 ms, B/A 0.70",
+        "  2: A 10000/s p99 9.00 ms, B 5000/s p99 9.00 ms, B/A 0.50",
+        "  3: A 12000/s p99 9.00 ms, B 7200/s p99 9.00 ms, B/A 0.60",
+    ]
+    verdicts = [line.rsplit("-> ", 1)[1] for line in table.splitlines() if line.startswith("count check")]
+    assert verdicts == ["OK: 0 lost, 0 duplicated", "MISMATCH", "OK: 0 lost, 0 duplicated"]
+
+
+def test_an_even_number_of_rounds_shows_the_lower_middle_one() -> None:
+    from bench.harness import median_round
+
+    rounds = [{"service": measured_side(rate)} for rate in (900, 700, 800, 600)]
+    assert median_round(rounds)["service"]["ok_per_second"] == 700
