@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service import compiled
+from service import compiled, logs
 from service.client import check_durability, make_redis
 from service.connections import ConnectionStore
 from service.crypto import SecretBox
@@ -37,6 +37,10 @@ def create_app(settings: Settings | None = None, *, redis: Redis | None = None) 
     """Build the ASGI app. Without ``redis`` the lifespan connects to ``settings.redis_url`` (or starts
     the embedded Redis) and closes what it opened on shutdown."""
     settings = settings or load_settings()
+    if not logging.getLogger().handlers:
+        # A process where nobody set up logging: a worker of `serve --workers N` (uvicorn spawns each one afresh
+        # and passes no logging configuration), or another ASGI server importing the factory.
+        logs.configure(settings.log_level, settings.log_format)
     handlers = Handlers(settings)
 
     @contextlib.asynccontextmanager
