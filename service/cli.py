@@ -49,6 +49,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         logs.configure(settings.log_level, settings.log_format)
         result = args.command(args, settings)
         code = asyncio.run(result) if asyncio.iscoroutine(result) else result
+        sys.stdout.flush()  # here, so that a closed pipe (`| head`) is caught below rather than at exit
+    except BrokenPipeError:
+        # The reader went away (`qbo-webhooks stats | head`): stop quietly, as other command-line tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 141  # 128 + SIGPIPE, what a shell reports for a tool stopped by a closed pipe
     except QBOError as exc:
         print(f"qbo-webhooks: {exc}", file=sys.stderr)
         code = 2

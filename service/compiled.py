@@ -131,7 +131,7 @@ def build(package_dir: Path = PACKAGE_DIR, *, force: bool = False) -> bool:
     with tempfile.TemporaryDirectory(prefix="qbo-native-") as tmp:
         paths = [f"{package_dir.name}/{name}.py" for name in HOT_MODULES]
         group = f"{package_dir.name}.{GROUP}"
-        print(f"compiling {len(paths)} modules with mypyc (about a minute) ...", flush=True)
+        print(f"compiling {len(paths)} modules with mypyc (under a minute) ...", flush=True)
         env = os.environ | {"PYTHONDONTWRITEBYTECODE": "1"}
         done = subprocess.run(
             [sys.executable, "-c", _BUILD_SCRIPT, *paths, group, tmp],

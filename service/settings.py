@@ -40,6 +40,22 @@ class Settings(BaseSettings):
     data_dir: str = Field(default=".data", description="where the embedded Redis keeps its files")
     metrics_dir: str | None = Field(default=None, description="set by `serve --workers N`: per-worker metrics files")
 
+    @field_validator("redis_url")
+    @classmethod
+    def _url_is_redis(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None  # QBO_REDIS_URL= (empty) means unset: the embedded Redis
+        from redis.connection import parse_url
+
+        try:
+            parse_url(value)  # type: ignore[no-untyped-call]
+        except ValueError:
+            # Never echo the URL: it may carry a password.
+            raise ValueError(
+                "must be a Redis URL: redis://[[user]:password@]host[:port][/db], rediss://... or unix:///path/to.sock"
+            ) from None
+        return value
+
     @field_validator("webhook_path")
     @classmethod
     def _path_is_absolute(cls, value: str) -> str:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import redis as redis_sync
@@ -135,3 +138,37 @@ def test_invalid_configuration_stops_with_one_line_per_field(
     assert "QBO_PORT:" in err
     assert "QBO_RESPONSE_BUDGET_SECONDS:" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://localhost:6379", "localhost:6379", "redis://:hunter2-secret@localhost:not-a-port"],
+    ids=["http", "no-scheme", "bad-port"],
+)
+def test_serve_refuses_a_redis_url_it_cannot_use_with_one_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    monkeypatch.setenv("QBO_REDIS_URL", url)
+    code, _, err = run(capsys, "serve")
+    assert code == 2
+    assert [line.strip().split(":")[0] for line in err.splitlines()[1:]] == ["QBO_REDIS_URL"], err
+    assert "hunter2-secret" not in err
+    assert "Traceback" not in err
+
+
+def test_a_reader_that_closed_the_pipe_stops_the_command_quietly() -> None:
+    # As `qbo-webhooks sign ... | head -c0` would: the read end is closed before the command writes.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "service", "sign", "--token", REAL_TOKEN, str(FIXTURES / "legacy-real-signed.json")],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert done.returncode == 141
+    assert done.stderr == ""

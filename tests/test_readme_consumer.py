@@ -26,6 +26,10 @@ def readme_example() -> str:
     return match.group(1)
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_the_readme_consumer_example_prints_queued_events(
     redis_url: str, sync_redis: redis_sync.Redis, tmp_path: Path
 ) -> None:
@@ -33,7 +37,16 @@ def test_the_readme_consumer_example_prints_queued_events(
     script.write_text(readme_example(), "utf-8")
     add_events(sync_redis, 1)
     env = {k: v for k, v in os.environ.items() if not k.startswith("QBO_")} | {"QBO_REDIS_URL": redis_url}
-    process = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True)
+    # Ctrl-C as in a terminal, even when the suite itself runs with SIGINT ignored (nohup, a background job):
+    # a child inherits an ignored SIGINT, and Python then never raises KeyboardInterrupt.
+    process = subprocess.Popen(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=_default_sigint,
+    )
     try:
         assert process.stdout is not None
         with selectors.DefaultSelector() as selector:

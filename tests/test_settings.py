@@ -51,6 +51,14 @@ def test_every_bad_field_gets_its_own_line(monkeypatch: pytest.MonkeyPatch) -> N
     assert "secret-not-a-fernet-key" not in message
 
 
+def test_an_empty_redis_url_means_the_embedded_redis(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QBO_REDIS_URL", " ")
+    assert load_settings().redis_url is None
+    for url in ("redis://localhost:6379/0", "rediss://user:pw@redis.example:6380", "unix:///run/redis.sock?db=1"):
+        monkeypatch.setenv("QBO_REDIS_URL", url)
+        assert load_settings().redis_url == url
+
+
 def test_settings_are_immutable() -> None:
     settings = Settings(_env_file=None)  # type: ignore[call-arg]
     with pytest.raises(ValueError, match="frozen"):
