@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev_sub = events.add_subparsers(required=True, metavar="ACTION")
     tail = ev_sub.add_parser("tail", help="print entries as JSON lines")
     tail.add_argument("--from-start", action="store_true", help="from the oldest entry instead of the newest")
-    tail.add_argument("--count", type=positive_int, default=10, help="how many entries (default 10)")
+    tail.add_argument("--count", type=positive_int, default=10, help="how many of the newest entries (default 10)")
     tail.add_argument("--follow", action="store_true", help="then wait for new entries")
     tail.add_argument("--dead", action="store_true", help="read the dead-letter stream instead")
     tail.set_defaults(command=cmd_events_tail)
