@@ -151,7 +151,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     embedded: EmbeddedRedis | None = None
     supervisor: threading.Thread | None = None
     stopping = threading.Event()
-    if settings.redis_url is None:
+    url = settings.redis_url
+    if url is None:
         embedded = EmbeddedRedis(settings.data_dir)
         url = embedded.start()
         # Other processes may share this Redis (CLI commands, consumers): if one stops it, start it again.
@@ -176,7 +177,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         if settings.require_durable:  # refuse here with one line, rather than in every worker with a traceback
-            asyncio.run(_require_durable(os.environ.get("QBO_REDIS_URL") or settings.redis_url or "", settings))
+            asyncio.run(_require_durable(url, settings))
         uvicorn.run(
             "service.app:create_app",
             factory=True,
